@@ -1,0 +1,70 @@
+# kv_paged developer entry points. `make demo` and `make test` do all set-up on a fresh machine:
+# a .venv with the pinned CPU torch when no torch is importable, the Python test dependencies,
+# libgtest-dev via apt-get, the extension build. PYTHON=/path/to/python uses that interpreter as is.
+SHELL := /bin/bash
+VENV := .venv
+TORCH_PIN := torch==2.13.0
+export MAX_JOBS ?= 2
+
+# PYTHON: the one given, else .venv if it exists, else python3 if it imports torch, else a new .venv.
+ifeq ($(origin PYTHON),undefined)
+  ifneq ($(wildcard $(VENV)/bin/python),)
+    PYTHON := $(VENV)/bin/python
+  else ifeq ($(shell python3 -c 'import torch' >/dev/null 2>&1 && echo yes),yes)
+    PYTHON := python3
+  else
+    PYTHON := $(VENV)/bin/python
+  endif
+endif
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test build python-env gtest cpp-test cuda-check pytest bench clean
+
+demo: build
+	$(PYTHON) -m kv_paged demo
+
+test: build cpp-test cuda-check pytest
+
+# Python environment: torch (pinned, only when none is importable) and the test/demo dependencies.
+# Each is installed only when missing, so this works offline where everything is already there.
+python-env:
+	@if [ "$(PYTHON)" = "$(VENV)/bin/python" ] && [ ! -x $(VENV)/bin/python ]; then \
+	  echo "creating $(VENV)"; python3 -m venv $(VENV); fi
+	@$(PYTHON) -c 'import torch' 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH_PIN)
+	@$(PYTHON) tools/ensure_deps.py
+
+build: python-env
+	$(PYTHON) setup.py -q build_ext --inplace
+
+gtest:
+	@if [ ! -f /usr/include/gtest/gtest.h ]; then \
+	  echo "installing libgtest-dev"; \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libgtest-dev) || \
+	  { echo "could not install libgtest-dev"; [ "$${CI:-}" != true ] || exit 1; }; fi
+
+# C++ tests of the torch-free core: a release build, then the same tests under ASan + UBSan.
+# Skipped (loudly) only outside CI when GoogleTest cannot be installed (the offline GPU machine).
+cpp-test: gtest
+	@if [ ! -f /usr/include/gtest/gtest.h ]; then echo "SKIPPED C++ tests: no GoogleTest"; exit 0; fi; \
+	set -e; \
+	cmake -S . -B build/cpp -DCMAKE_BUILD_TYPE=Release >/dev/null; \
+	cmake --build build/cpp -j $(MAX_JOBS); \
+	ctest --test-dir build/cpp --output-on-failure; \
+	cmake -S . -B build/cpp-sanitize -DCMAKE_BUILD_TYPE=Debug -DKV_PAGED_SANITIZE=ON >/dev/null; \
+	cmake --build build/cpp-sanitize -j $(MAX_JOBS); \
+	ctest --test-dir build/cpp-sanitize --output-on-failure
+
+# Compiles every CUDA kernel (and the CUDA glue) for sm_90a and sm_80 wherever nvcc exists.
+cuda-check:
+	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(PYTHON) bash tools/cuda_check.sh; \
+	else echo "cuda-check: nvcc not found, skipped"; fi
+
+pytest: build
+	$(PYTHON) -m pytest -q tests
+
+bench: build
+	$(PYTHON) benchmarks/bench_block_manager.py
+	$(PYTHON) benchmarks/bench_attention.py
+
+clean:
+	rm -rf build kv_paged/_C*.so *.egg-info
