@@ -20,6 +20,8 @@ __all__ = ["BlockManager"]
 
 def _token_list(token_ids: Sequence[int] | torch.Tensor, name: str) -> list[int]:
     """Token ids as a list of Python ints; rejects bools, floats and non-1-D tensors by name."""
+    if type(token_ids) is list and set(map(type, token_ids)) <= {int}:
+        return token_ids  # the common case, checked at C speed (no per-element Python)
     if isinstance(token_ids, torch.Tensor):
         if token_ids.dim() != 1 or token_ids.dtype.is_floating_point or token_ids.dtype.is_complex:
             raise ValueError(
