@@ -12,7 +12,8 @@ plus all decode steps (so nothing is evicted mid-run).
    mapping tensor) + block tables tensor [B, max_blocks] + seq_lens tensor [B] — the per-step
    metadata a paged-attention forward needs. --warmup untimed steps, then --steps timed steps
    (time.perf_counter per step); median and p90 per step. kv_paged runs both the three batched
-   calls and the single decode_step call; the Python-to-C++ call overhead of the TorchScript
+   calls and the single decode_step call (the latter also allocating from int64 tensor prompts,
+   which C++ reads without per-element conversion); the Python-to-C++ call overhead of the TorchScript
    custom class is measured separately (a no-op-sized method) to show what it costs per call.
 Agreement is checked before any figure is reported: every backend must produce identical block
 tables after allocation, identical cached-token counts, and identical (slot_mapping,
@@ -65,11 +66,11 @@ def one_call(bm, ids, tokens):
     return bm.decode_step(ids, tokens)
 
 
-# name -> (manager factory, per-step function)
+# name -> (manager factory, per-step function, prompts as int64 tensors)
 BACKENDS = {
-    "python (nano-vllm style)": (PyBlockManager, three_calls),
-    "kv_paged C++ (3 batched calls)": (kv_paged.BlockManager, three_calls),
-    "kv_paged C++ (decode_step, 1 call)": (kv_paged.BlockManager, one_call),
+    "python (nano-vllm style)": (PyBlockManager, three_calls, False),
+    "kv_paged C++ (3 batched calls)": (kv_paged.BlockManager, three_calls, False),
+    "kv_paged C++ (decode_step, 1 call; tensor prompts)": (kv_paged.BlockManager, one_call, True),
 }
 
 
@@ -84,7 +85,9 @@ def run_allocate(factory, num_blocks, block_size, prompts):
 
 
 def run_backend(name, args, prompts, decode_tokens, num_blocks):
-    factory, step_fn = BACKENDS[name]
+    factory, step_fn, as_tensors = BACKENDS[name]
+    if as_tensors:  # as a tokenizer returning tensors would hand them over; not timed
+        prompts = [torch.tensor(p, dtype=torch.int64) for p in prompts]
     alloc_times = []
     for _ in range(args.alloc_reps):
         dt, bm, cached = run_allocate(factory, num_blocks, args.block_size, prompts)
@@ -199,7 +202,9 @@ def main() -> None:
         "- Agreement checked before timing: identical block tables, cached-token counts, and "
         "slot_mapping / block_tables / seq_lens tensors at decode steps 0, 1 and the last.",
         "",
-        "Decode step = append one token to every sequence + block_tables [B, max_blocks] + seq_lens [B].",
+        "Decode step = append one token to every sequence + block_tables [B, max_blocks] + seq_lens [B]. "
+        "Allocate = allocate + mark_computed per prompt; prompts are Python lists except in the last "
+        "row (int64 tensors, converted before timing).",
         "",
         "| backend | step median (µs) | step p90 (µs) | step speedup | allocate prompts/s "
         "| allocate Mtok/s | allocate speedup |",
