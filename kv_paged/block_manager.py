@@ -240,7 +240,10 @@ class BlockManager:
 
     def take_copies(self) -> torch.Tensor:
         """Drains the pending copy-on-write pairs, in issue order, for kv_paged.ops.copy_blocks.
-        A source block stays reserved (not reallocated) until drained.
+        A source block stays reserved (not reallocated) until drained, so no pair's dst can
+        overwrite another pair's src. Drain once per step, after the appends and before the
+        forward; a dst becomes a later pair's src only if fork() is called between appends
+        without draining, and then the pairs must be applied in order.
 
         Returns:
             int64 [n, 2] of (src_block, dst_block).
