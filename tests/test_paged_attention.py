@@ -69,6 +69,20 @@ def test_paged_attention_grid(point, device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, head_dim, block_size", [((8, 8), 64, 16), ((8, 4), 80, 1), ((12, 4), 128, 32), ((8, 1), 256, 8)])
+def test_decode_batch(heads, head_dim, block_size, dtype, device, gen):
+    """Decode-shaped calls (q_len <= 4, many sequences): the CPU kernel groups kv heads per work item
+    here, a different path from the prefill grid above."""
+    seq_lens_kv = [1, 0, 37, 16, 70, 5, 3, 64, 2, 9, 33, 48]
+    q_lens = [1, 0, 1, 4, 1, 0, 3, 1, 2, 1, 1, 1]
+    batch = make_paged_batch(seq_lens_kv, q_lens, *heads, head_dim, block_size, dtype, device, gen,
+                             kv_fused=block_size == 32)
+    run_and_check(batch, dtype)
+    run_and_check(batch, dtype, sliding_window=6, softcap=2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_long_context_many_tiles(device, gen):
     batch = make_paged_batch([1000, 517], [1, 70], 8, 2, 64, 16, torch.float32, device, gen)
     run_and_check(batch, torch.float32)
