@@ -39,21 +39,20 @@ struct AttentionScratch {
   std::vector<float> acc;     // [rows, head_dim] fp32 output accumulator
   std::vector<float> scores;  // [rows, tile] logits, then probabilities
   std::vector<float> m, l;    // [rows] running max and sum
-  std::vector<float> kbuf, vbuf;  // [tile, heads, head_dim] fp32 copies of the tile's K/V rows
+  std::vector<float> row;     // [head_dim] one K or V row converted to fp32 (stays in L1)
   std::vector<RowSpan> spans;     // [rows]
   std::vector<int64_t> row_lo, row_hi;  // [rows] the part of the current tile each row sees
 
   AttentionScratch(int64_t max_rows, int64_t tile_, int64_t head_dim_, int64_t heads_ = 1)
       : head_dim(head_dim_), tile(tile_), heads(heads_), q(max_rows * head_dim_),
         acc(max_rows * head_dim_), scores(max_rows * tile_), m(max_rows), l(max_rows),
-        kbuf(tile_ * heads_ * head_dim_), vbuf(tile_ * heads_ * head_dim_), spans(max_rows),
-        row_lo(max_rows), row_hi(max_rows) {}
+        row(head_dim_), spans(max_rows), row_lo(max_rows), row_hi(max_rows) {}
 };
 
 // Asks for the cache lines of `bytes` bytes ahead of use.
 inline void prefetch_bytes(const void* ptr, int64_t bytes) {
   const char* p = static_cast<const char*>(ptr);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 1);
 }
 
 // Loads query row `src` (head_dim elements) into scratch row r as fp32 times scale.
@@ -64,11 +63,25 @@ inline void load_query_row(AttentionScratch& s, int64_t r, const T* src, float s
   scale_row(dst, scale, s.head_dim);
 }
 
+// The K/V row as the dot/axpy primitives read it: float and bfloat16 rows directly (bfloat16 is
+// widened in registers), float16 rows converted into `buf` once per row (F16C is not assumed
+// in the caller's code).
+template <typename T>
+inline auto as_operand(const T* row, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    load_row(row, buf, n);
+    return static_cast<const float*>(buf);
+  } else {
+    return row;
+  }
+}
+
 // Attends scratch rows [0, s.heads * rows_per_head) (q and spans filled) and leaves the normalised
 // output in s.acc; a row with no visible key gets zeros. fetch(j_begin, j_end, k_rows, v_rows)
 // sets k_rows[j - j_begin] / v_rows[j - j_begin] to the K / V row of kv position j for the item's
-// first kv head; head hh's row is hh * k_head_stride (v_head_stride) further. Each tile's rows of
-// all the item's heads are copied to fp32 in memory order, so a block is read as one stream.
+// first kv head; head hh's row is hh * k_head_stride (v_head_stride) further. K and V are walked
+// in memory order (position, then head), each row converted once and used by every query row of
+// its head, so a block of a decode item is one sequential read.
 template <typename T, typename Fetch>
 void attend_rows(AttentionScratch& s, int64_t rows_per_head, float softcap, int64_t k_head_stride,
                  int64_t v_head_stride, Fetch&& fetch) {
@@ -84,17 +97,18 @@ void attend_rows(AttentionScratch& s, int64_t rows_per_head, float softcap, int6
       hi_max = std::max(hi_max, s.spans[r].hi);
     }
   }
-  // Pointers of the tile being computed and of the next one, prefetched a tile ahead when one
-  // position's rows are short (few heads per item): the hardware stream prefetcher does not follow
-  // the strided rows of a single kv head.
+  // Pointers of the tile being computed and of the next one, prefetched a tile ahead: the rows of
+  // one position are contiguous only within the item's heads, and blocks are scattered.
   std::vector<const T*> k_src(tile), v_src(tile), k_next(tile), v_next(tile);
   const float inv_cap = softcap > 0 ? 1.f / softcap : 0.f;
-  const bool prefetch = HG * D * static_cast<int64_t>(sizeof(T)) < 2048;
   const int64_t span_k = ((HG - 1) * k_head_stride + D) * static_cast<int64_t>(sizeof(T));
   const int64_t span_v = ((HG - 1) * v_head_stride + D) * static_cast<int64_t>(sizeof(T));
+  float* row_buf = s.row.data();
+  // Long contiguous runs (many heads per item) are left to the hardware stream prefetcher.
+  const bool prefetch = span_k < 2048;
   if (hi_max == 0) lo_min = 0;  // no row sees anything: the loop below does not run
   // Tiles are aligned to multiples of `tile` (whole blocks for the paged caller); rows of the first
-  // tile that no query sees are neither fetched nor converted.
+  // tile that no query sees are neither fetched nor read.
   const int64_t first = (lo_min / tile) * tile;
   if (first < hi_max) {
     const int64_t jb = std::max(first, lo_min);
@@ -107,57 +121,57 @@ void attend_rows(AttentionScratch& s, int64_t rows_per_head, float softcap, int6
     if (j1 < hi_max) {
       const int64_t n1 = std::min(j1 + tile, hi_max);
       fetch(j1, n1, k_next.data(), v_next.data());
-      if (prefetch) {
-        for (int64_t j = 0; j < n1 - j1; ++j) {
-          prefetch_bytes(k_next[j], span_k);
-          prefetch_bytes(v_next[j], span_v);
+      for (int64_t j = 0; prefetch && j < n1 - j1; ++j) {
+        prefetch_bytes(k_next[j], span_k);
+        prefetch_bytes(v_next[j], span_v);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      s.row_lo[r] = std::max(s.spans[r].lo, j0);
+      s.row_hi[r] = std::min(s.spans[r].hi, j1);
+    }
+    // Logits in memory order of K.
+    for (int64_t j = jb; j < j1; ++j) {
+      for (int64_t hh = 0; hh < HG; ++hh) {
+        decltype(as_operand(k_src[0], row_buf, D)) k = nullptr;
+        for (int64_t r = hh * rows_per_head; r < (hh + 1) * rows_per_head; ++r) {
+          if (j < s.row_lo[r] || j >= s.row_hi[r]) continue;
+          if (k == nullptr) k = as_operand(k_src[j - j0] + hh * k_head_stride, row_buf, D);
+          float x = dot(s.q.data() + r * D, k, D);
+          if (softcap > 0) x = softcap * std::tanh(x * inv_cap);
+          s.scores[r * tile + (j - j0)] = x;
         }
       }
     }
-    for (int64_t j = jb - j0; j < j1 - j0; ++j) {
-      for (int64_t hh = 0; hh < HG; ++hh) {
-        load_row(k_src[j] + hh * k_head_stride, s.kbuf.data() + (j * HG + hh) * D, D);
-      }
-    }
-    // Logits, then the online-softmax update of m, l and the accumulator scale.
+    // Online-softmax update of m, l and the accumulator scale, row by row.
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t a = std::max(s.spans[r].lo, j0), b = std::min(s.spans[r].hi, j1);
-      s.row_lo[r] = a;
-      s.row_hi[r] = b;
+      const int64_t a = s.row_lo[r] - j0, b = s.row_hi[r] - j0;
       if (a >= b) continue;
-      const float* q = s.q.data() + r * D;
-      const float* k = s.kbuf.data() + (r / rows_per_head) * D;
       float* sc = s.scores.data() + r * tile;
       float tile_max = kNegInf;
-      for (int64_t j = a; j < b; ++j) {
-        float x = dot(q, k + (j - j0) * HG * D, D);
-        if (softcap > 0) x = softcap * std::tanh(x * inv_cap);
-        sc[j - j0] = x;
-        tile_max = std::max(tile_max, x);
-      }
+      for (int64_t j = a; j < b; ++j) tile_max = std::max(tile_max, sc[j]);
       const float m_new = std::max(s.m[r], tile_max);
       const float alpha = std::exp(s.m[r] - m_new);  // 0 on the first visible tile
       float sum = 0.f;
       for (int64_t j = a; j < b; ++j) {
-        const float e = std::exp(sc[j - j0] - m_new);
-        sc[j - j0] = e;
+        const float e = std::exp(sc[j] - m_new);
+        sc[j] = e;
         sum += e;
       }
       s.l[r] = s.l[r] * alpha + sum;
       s.m[r] = m_new;
       if (alpha != 1.f) scale_row(s.acc.data() + r * D, alpha, D);
     }
-    // P @ V for the tile.
-    for (int64_t j = jb - j0; j < j1 - j0; ++j) {
+    // P @ V in memory order of V.
+    for (int64_t j = jb; j < j1; ++j) {
       for (int64_t hh = 0; hh < HG; ++hh) {
-        load_row(v_src[j] + hh * v_head_stride, s.vbuf.data() + (j * HG + hh) * D, D);
+        decltype(as_operand(v_src[0], row_buf, D)) v = nullptr;
+        for (int64_t r = hh * rows_per_head; r < (hh + 1) * rows_per_head; ++r) {
+          if (j < s.row_lo[r] || j >= s.row_hi[r]) continue;
+          if (v == nullptr) v = as_operand(v_src[j - j0] + hh * v_head_stride, row_buf, D);
+          axpy(s.acc.data() + r * D, s.scores[r * tile + (j - j0)], v, D);
+        }
       }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* p = s.scores.data() + r * tile;
-      const float* v = s.vbuf.data() + (r / rows_per_head) * D;
-      float* acc = s.acc.data() + r * D;
-      for (int64_t j = s.row_lo[r] - j0; j < s.row_hi[r] - j0; ++j) axpy(acc, p[j], v + j * HG * D, D);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

@@ -17,8 +17,7 @@ namespace kv_paged::cpu {
 namespace {
 
 constexpr int64_t kRowsPerItem = 64;     // query rows (tokens x heads) attended together
-constexpr int64_t kMinTile = 32;         // kv positions per tile at most, before rounding to blocks
-constexpr int64_t kTileBytes = 64 << 10;  // fp32 K rows of one tile, all heads of an item
+constexpr int64_t kMinTile = 32;         // kv positions per tile, rounded up to whole blocks
 constexpr int64_t kDecodeMaxQueries = 4;  // calls whose sequences have <= this many queries
 
 struct QueryChunk {
@@ -51,8 +50,7 @@ void paged_attention(const PagedAttentionParams& p) {
   const int64_t HG = heads_per_item;
   const int64_t groups = KVH / HG;
   const int64_t tokens_per_item = std::max<int64_t>(1, kRowsPerItem / (G * HG));
-  const int64_t target = std::clamp<int64_t>(kTileBytes / (HG * D * 4), 1, kMinTile);
-  const int64_t tile = bs * ((target + bs - 1) / bs);
+  const int64_t tile = bs * ((kMinTile + bs - 1) / bs);
   std::vector<QueryChunk> chunks;
   for (int64_t b = 0; b < p.num_seqs; ++b) {
     const int64_t q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];

@@ -87,6 +87,25 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// sum_i a[i] * float(b[i]) with b read as bfloat16 and widened in registers.
+inline float dot(const float* a, const c10::BFloat16* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef KV_PAGED_CPU_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i));
+    __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(w)), 16));
+    __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1)), 16));
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), lo, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), hi, acc1);
+  }
+  sum = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) sum += a[i] * static_cast<float>(b[i]);
+  return sum;
+}
+
 // y[0, n) += alpha * x[0, n)
 inline void axpy(float* y, float alpha, const float* x, int64_t n) {
   int64_t i = 0;
@@ -97,6 +116,20 @@ inline void axpy(float* y, float alpha, const float* x, int64_t n) {
   }
 #endif
   for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// y[0, n) += alpha * float(x[0, n)) with x read as bfloat16.
+inline void axpy(float* y, float alpha, const c10::BFloat16* x, int64_t n) {
+  int64_t i = 0;
+#ifdef KV_PAGED_CPU_AVX2
+  const __m256 a = _mm256_set1_ps(alpha);
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
+    __m256 xf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, xf, _mm256_loadu_ps(y + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += alpha * static_cast<float>(x[i]);
 }
 
 // y[0, n) *= alpha
