@@ -76,6 +76,14 @@ inline auto as_operand(const T* row, float* buf, int64_t n) {
   }
 }
 
+// Whether rows r .. r + 3 all see kv position j in the current tile.
+inline bool sees4(const AttentionScratch& s, int64_t r, int64_t j) {
+  for (int64_t i = r; i < r + 4; ++i) {
+    if (j < s.row_lo[i] || j >= s.row_hi[i]) return false;
+  }
+  return true;
+}
+
 // Attends scratch rows [0, s.heads * rows_per_head) (q and spans filled) and leaves the normalised
 // output in s.acc; a row with no visible key gets zeros. fetch(j_begin, j_end, k_rows, v_rows)
 // sets k_rows[j - j_begin] / v_rows[j - j_begin] to the K / V row of kv position j for the item's
@@ -134,12 +142,31 @@ void attend_rows(AttentionScratch& s, int64_t rows_per_head, float softcap, int6
     for (int64_t j = jb; j < j1; ++j) {
       for (int64_t hh = 0; hh < HG; ++hh) {
         decltype(as_operand(k_src[0], row_buf, D)) k = nullptr;
-        for (int64_t r = hh * rows_per_head; r < (hh + 1) * rows_per_head; ++r) {
-          if (j < s.row_lo[r] || j >= s.row_hi[r]) continue;
+        const int64_t r_end = (hh + 1) * rows_per_head;
+        for (int64_t r = hh * rows_per_head; r < r_end;) {
+          if (j < s.row_lo[r] || j >= s.row_hi[r]) {
+            ++r;
+            continue;
+          }
           if (k == nullptr) k = as_operand(k_src[j - j0] + hh * k_head_stride, row_buf, D);
-          float x = dot(s.q.data() + r * D, k, D);
-          if (softcap > 0) x = softcap * std::tanh(x * inv_cap);
-          s.scores[r * tile + (j - j0)] = x;
+          int64_t n = 1;
+          if (r + 4 <= r_end && sees4(s, r, j)) {
+            const float* q4[4] = {s.q.data() + r * D, s.q.data() + (r + 1) * D,
+                                  s.q.data() + (r + 2) * D, s.q.data() + (r + 3) * D};
+            float x4[4];
+            dot4(q4, k, D, x4);
+            for (int64_t i = 0; i < 4; ++i) s.scores[(r + i) * tile + (j - j0)] = x4[i];
+            n = 4;
+          } else {
+            s.scores[r * tile + (j - j0)] = dot(s.q.data() + r * D, k, D);
+          }
+          if (softcap > 0) {
+            for (int64_t i = r; i < r + n; ++i) {
+              float& x = s.scores[i * tile + (j - j0)];
+              x = softcap * std::tanh(x * inv_cap);
+            }
+          }
+          r += n;
         }
       }
     }
@@ -166,10 +193,25 @@ void attend_rows(AttentionScratch& s, int64_t rows_per_head, float softcap, int6
     for (int64_t j = jb; j < j1; ++j) {
       for (int64_t hh = 0; hh < HG; ++hh) {
         decltype(as_operand(v_src[0], row_buf, D)) v = nullptr;
-        for (int64_t r = hh * rows_per_head; r < (hh + 1) * rows_per_head; ++r) {
-          if (j < s.row_lo[r] || j >= s.row_hi[r]) continue;
+        const int64_t r_end = (hh + 1) * rows_per_head;
+        for (int64_t r = hh * rows_per_head; r < r_end;) {
+          if (j < s.row_lo[r] || j >= s.row_hi[r]) {
+            ++r;
+            continue;
+          }
           if (v == nullptr) v = as_operand(v_src[j - j0] + hh * v_head_stride, row_buf, D);
-          axpy(s.acc.data() + r * D, s.scores[r * tile + (j - j0)], v, D);
+          if (r + 4 <= r_end && sees4(s, r, j)) {
+            float* y4[4] = {s.acc.data() + r * D, s.acc.data() + (r + 1) * D,
+                            s.acc.data() + (r + 2) * D, s.acc.data() + (r + 3) * D};
+            const float p4[4] = {s.scores[r * tile + (j - j0)], s.scores[(r + 1) * tile + (j - j0)],
+                                 s.scores[(r + 2) * tile + (j - j0)],
+                                 s.scores[(r + 3) * tile + (j - j0)]};
+            axpy4(y4, p4, v, D);
+            r += 4;
+          } else {
+            axpy(s.acc.data() + r * D, s.scores[r * tile + (j - j0)], v, D);
+            ++r;
+          }
         }
       }
     }

@@ -142,4 +142,58 @@ inline void scale_row(float* y, float alpha, int64_t n) {
   for (; i < n; ++i) y[i] *= alpha;
 }
 
+// Four query rows against one K row (out[i] = sum q[i][.] * k[.]) and one V row into four
+// accumulators (y[i] += p[i] * v): the K/V row is loaded (and widened) once for the four rows of
+// a GQA group instead of four times.
+#ifdef KV_PAGED_CPU_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+template <typename K>
+inline void dot4(const float* const* q, const K* k, int64_t n, float* out) {
+  int64_t i = 0;
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#ifdef KV_PAGED_CPU_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+         a3 = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 kv = load8(k + i);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + i), kv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + i), kv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + i), kv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + i), kv, a3);
+  }
+  s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+#endif
+  for (; i < n; ++i) {
+    const float kv = static_cast<float>(k[i]);
+    s0 += q[0][i] * kv, s1 += q[1][i] * kv, s2 += q[2][i] * kv, s3 += q[3][i] * kv;
+  }
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+template <typename V>
+inline void axpy4(float* const* y, const float* p, const V* v, int64_t n) {
+  int64_t i = 0;
+#ifdef KV_PAGED_CPU_AVX2
+  const __m256 p0 = _mm256_set1_ps(p[0]), p1 = _mm256_set1_ps(p[1]), p2 = _mm256_set1_ps(p[2]),
+               p3 = _mm256_set1_ps(p[3]);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = load8(v + i);
+    _mm256_storeu_ps(y[0] + i, _mm256_fmadd_ps(p0, x, _mm256_loadu_ps(y[0] + i)));
+    _mm256_storeu_ps(y[1] + i, _mm256_fmadd_ps(p1, x, _mm256_loadu_ps(y[1] + i)));
+    _mm256_storeu_ps(y[2] + i, _mm256_fmadd_ps(p2, x, _mm256_loadu_ps(y[2] + i)));
+    _mm256_storeu_ps(y[3] + i, _mm256_fmadd_ps(p3, x, _mm256_loadu_ps(y[3] + i)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float x = static_cast<float>(v[i]);
+    y[0][i] += p[0] * x, y[1][i] += p[1] * x, y[2][i] += p[2] * x, y[3][i] += p[3] * x;
+  }
+}
+
 }  // namespace kv_paged::cpu
