@@ -170,6 +170,17 @@ def copy_bandwidth_cuda(flush: torch.Tensor, warmup: int, iters: int) -> float:
     return 2 * src.numel() / seconds
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -229,7 +240,7 @@ def main() -> None:
             lines.append(line)
             print(line, flush=True)
             del fns, w
-    info = (f"device: {torch.cuda.get_device_name() if dev == 'cuda' else platform.processor() or platform.machine()}"
+    info = (f"device: {torch.cuda.get_device_name() if dev == 'cuda' else cpu_name()}"
             f", threads {torch.get_num_threads()}; torch {torch.__version__}"
             f"{', CUDA ' + str(torch.version.cuda) if dev == 'cuda' else ''}; kv_paged {kv_paged.__version__}; "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; head_dim {args.head_dim}, "
