@@ -10,6 +10,8 @@ from kv_paged._build import load_extension as _load_extension
 _C = _load_extension()
 with_cuda: bool = bool(getattr(_C, "with_cuda", False))
 
+from kv_paged.block_manager import BlockManager  # noqa: E402  (needs _C loaded)
+
 __version__ = "0.1.0"
 
 # Register the "kv_paged" attention with transformers when it is installed (optional extra).
