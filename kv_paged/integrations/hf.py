@@ -162,36 +162,33 @@ class PagedCache(Cache):
       * generate / a hand-written loop: each forward's input_ids [B, S] (left-padded, with the
         2D attention_mask over past + new columns) extends the cache's batch; pad tokens are never
         written nor attended. The first forward after reset() starts a new batch.
-      * an engine: `set_metadata(meta)` before a forward on packed input_ids [1, T] with explicit
+      * an engine: `set_step(meta)` before a forward on packed input_ids [1, T] with explicit
         position_ids; the engine owns sequence bookkeeping in `cache.block_manager`.
     """
 
     def __init__(
         self,
-        *,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int | Sequence[int],
-        head_dim: int | Sequence[int],
-        dtype: torch.dtype,
-        device: torch.device | str,
-        sliding_windows: Sequence[int | None] | None = None,
+        pool: KVCachePool,
         block_manager: Any = None,
-        enable_prefix_caching: bool = True,
+        *,
+        sliding_windows: Sequence[int | None] | None = None,
     ) -> None:
-        self.pool = KVCachePool(
-            num_layers=num_layers, num_blocks=num_blocks, block_size=block_size,
-            num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=device,
-        )
-        if block_manager is None:
-            block_manager = kv_paged.BlockManager(num_blocks, block_size, enable_prefix_caching)
-        elif block_manager.num_blocks != num_blocks or block_manager.block_size != block_size:
+        """pool: the K/V pools (one pair per decoder layer). block_manager: a kv_paged.BlockManager
+        over the same num_blocks / block_size, needed by the generate / hand-loop path; None for an
+        engine that books blocks itself and only calls set_step(). sliding_windows: per layer,
+        informational (the attention takes each layer's window from the model)."""
+        if not isinstance(pool, KVCachePool):
+            raise TypeError(f"pool must be a kv_paged.cache.KVCachePool, got {type(pool).__name__}")
+        if block_manager is not None and (
+            block_manager.num_blocks != pool.num_blocks or block_manager.block_size != pool.block_size
+        ):
             raise ValueError(
                 f"block_manager has num_blocks={block_manager.num_blocks}, block_size="
-                f"{block_manager.block_size}; the pools were sized for {num_blocks}, {block_size}"
+                f"{block_manager.block_size}; the pool has {pool.num_blocks}, {pool.block_size}"
             )
+        self.pool = pool
         self.block_manager = block_manager
+        num_layers = pool.num_layers
         windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers
         if len(windows) != num_layers:
             raise ValueError(f"sliding_windows needs {num_layers} entries, got {len(windows)}")
@@ -223,18 +220,23 @@ class PagedCache(Cache):
     ) -> PagedCache:
         """A cache sized from model.config (layers, kv heads, head_dim, sliding windows, dtype,
         device) and hooked into model's forward."""
-        config = model.config.get_text_config(decoder=True)
-        num_layers = config.num_hidden_layers
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        param = next(model.parameters())
-        cache = cls(
-            num_layers=num_layers, num_blocks=num_blocks, block_size=block_size,
-            num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype or param.dtype,
-            device=param.device, sliding_windows=_sliding_windows(config),
-            block_manager=block_manager, enable_prefix_caching=enable_prefix_caching,
+        spec = kv_cache_spec(model)
+        pool = KVCachePool(
+            num_layers=len(spec["num_kv_heads"]), num_blocks=num_blocks, block_size=block_size,
+            num_kv_heads=spec["num_kv_heads"], head_dim=spec["head_dim"],
+            dtype=dtype or spec["dtype"], device=spec["device"],
         )
+        if block_manager is None:
+            block_manager = kv_paged.BlockManager(num_blocks, block_size, enable_prefix_caching)
+        cache = cls(pool, block_manager, sliding_windows=spec["sliding_windows"])
+        attach(model)
+        return cache
+
+    @classmethod
+    def for_engine(cls, model: torch.nn.Module, pool: KVCachePool) -> PagedCache:
+        """A cache over an engine's pool, hooked into model; the engine drives every forward with
+        set_step(meta) and owns the BlockManager."""
+        cache = cls(pool, None, sliding_windows=kv_cache_spec(model)["sliding_windows"])
         attach(model)
         return cache
 
@@ -255,7 +257,7 @@ class PagedCache(Cache):
 
     def reset(self) -> None:
         """Free the current batch. Its computed full blocks stay matchable by the prefix cache."""
-        if self._rows is not None:
+        if self._rows is not None and self.block_manager is not None:
             for row in self._rows:
                 self.block_manager.free(row.seq_id)
         self._rows, self._columns = None, 0
@@ -270,6 +272,8 @@ class PagedCache(Cache):
         so generate runs only input_ids[:, returned:]); always < L.
         """
         self._check_usable()
+        if self.block_manager is None:
+            raise RuntimeError("this PagedCache has no BlockManager (built for an engine)")
         if self._rows is not None:
             raise RuntimeError("PagedCache already holds a batch; call cache.reset() before add_prompts()")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -280,11 +284,11 @@ class PagedCache(Cache):
         self._columns = min(skip, input_ids.shape[1] - 1)
         return self._columns
 
-    def set_metadata(self, meta: AttentionMetadata) -> None:
-        """Engine path: the next forward uses `meta` as is (packed input_ids [1, T])."""
-        self._check_usable()
-        if not isinstance(meta, AttentionMetadata):
-            raise TypeError(f"meta must be a kv_paged.cache.AttentionMetadata, got {type(meta).__name__}")
+    def set_step(self, meta: AttentionMetadata | None) -> None:
+        """Engine path: the next forward (packed input_ids [1, T] with explicit position_ids) uses
+        `meta` as is, with no sequence bookkeeping here. None clears a step that was not run."""
+        if meta is not None and not isinstance(meta, AttentionMetadata):
+            raise TypeError(f"meta must be a kv_paged.cache.AttentionMetadata or None, got {type(meta).__name__}")
         self._external_meta = meta
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -322,6 +326,11 @@ class PagedCache(Cache):
             self._meta, self._external_meta = self._external_meta, None
             self._pending = None
             return
+        if self.block_manager is None:
+            raise RuntimeError(
+                "this PagedCache has no BlockManager (built for an engine): call set_step(meta) before "
+                "each forward, or build it with PagedCache.for_model(model, num_blocks=...)"
+            )
         if input_ids is None:
             raise ValueError(
                 "PagedCache needs input_ids: the block manager hashes token ids for prefix caching "
@@ -415,7 +424,8 @@ class PagedCache(Cache):
         pending, self._pending = self._pending, None
         self._meta = self._new_kv = None
         if not ok:
-            self._broken = "a forward raised"
+            if pending is not None:  # the BlockManager already holds this step's tokens
+                self._broken = "a forward raised"
             return
         if pending is not None:
             rows = self._rows
@@ -450,6 +460,29 @@ def _sliding_windows(config: Any) -> list[int | None]:
     if getattr(config, "use_sliding_window", True) is False:
         return [None] * config.num_hidden_layers
     return [window] * config.num_hidden_layers
+
+
+def kv_cache_spec(model: torch.nn.Module) -> dict[str, Any]:
+    """What the K/V pools of `model` look like, from its config: per-layer num_kv_heads,
+    head_dim and sliding window (lists), dtype and device of its parameters."""
+    config = model.config.get_text_config(decoder=True)
+    num_layers = config.num_hidden_layers
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    param = next(model.parameters())
+    return {
+        "num_kv_heads": [num_kv_heads] * num_layers,
+        "head_dim": [head_dim] * num_layers,
+        "sliding_windows": _sliding_windows(config),
+        "dtype": param.dtype,
+        "device": param.device,
+    }
+
+
+def use_kv_paged_attention(model: torch.nn.Module) -> None:
+    """Switch model to the "kv_paged" attention (and mask) implementation."""
+    model.set_attn_implementation(ATTN_NAME)
 
 
 def _left_pads(attention_mask: torch.Tensor | None, bsz: int, length: int) -> list[int]:
