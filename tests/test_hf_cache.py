@@ -258,3 +258,42 @@ def test_registered_on_import() -> None:
     model.set_attn_implementation("kv_paged")
     assert model.config._attn_implementation == "kv_paged"
     assert kv_paged.BlockManager is not None
+
+
+# ---- transformers' own continuous batching ("paged|kv_paged") -----------------------------------
+
+
+def _cb_unavailable() -> str | None:
+    if not hf._HAS_CB_PAGED_NAMES:
+        import transformers
+
+        return (
+            f"transformers {transformers.__version__} dispatches continuous batching only to paged|eager, "
+            "sdpa and flash attention (no custom paged| names)"
+        )
+    if not torch.cuda.is_available():
+        import importlib.util
+
+        if importlib.util.find_spec("psutil") is None:
+            return "transformers' continuous batching sizes its cache from psutil on CPU"
+    return None
+
+
+@pytest.mark.skipif(_cb_unavailable() is not None, reason=str(_cb_unavailable()))
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_transformers_continuous_batching(arch: str) -> None:
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = hf.tiny_model(arch, attn_implementation="paged|kv_paged")
+    eager = hf.tiny_model(arch, attn_implementation="eager")
+    prompts = [_ids(1, n, seed=n)[0].tolist() for n in (5, 21, 9)]
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    # max_batch_tokens below the longest prompt forces chunked prefill through the paged cache.
+    cb = ContinuousBatchingConfig(block_size=16, num_blocks=16, max_batch_tokens=16)
+    out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb, progress_bar=False)
+    assert len(out) == len(prompts)
+    by_prompt = {tuple(o.prompt_ids): o.generated_tokens for o in out.values()}
+    for p in prompts:
+        ref = eager.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p) :].tolist()
+        assert by_prompt[tuple(p)] == ref

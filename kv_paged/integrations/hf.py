@@ -695,9 +695,30 @@ def kv_paged_attention(
 
 
 def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
-    """transformers' own continuous batching ("paged|kv_paged"): K/V go through its
-    PagedAttentionCache, attention runs on kv_paged's varlen flash attention."""
-    raise NotImplementedError("paged|kv_paged is not wired yet")
+    """transformers' own continuous batching ("paged|kv_paged", transformers 5.17-5.22): K/V go
+    through its PagedAttentionCache (kwargs["cache"]), which returns each sequence's past + new K/V
+    packed as [Tk, num_kv_heads, head_dim] in cu_seq_lens_k order; attention runs on kv_paged's
+    varlen flash attention. query: [1, num_heads, T, head_dim]. Returns ([1, T, num_heads, head_dim], None).
+    """
+    cache = kwargs["cache"]
+    window, softcap = _window_and_cap(module, kwargs)
+    cu_k = kwargs["cu_seq_lens_k"]
+    max_k = kwargs.get("max_seqlen_k", kwargs.get("max_length_k"))
+    if isinstance(cu_k, dict):
+        layer_type = "sliding_attention" if window is not None else "full_attention"
+        cu_k, max_k = cu_k[layer_type], max_k[layer_type]
+    cu_q = kwargs["cu_seq_lens_q"]
+    max_q = kwargs.get("max_seqlen_q", kwargs.get("max_length_q"))
+    k, v = cache.update(
+        key_states=key, value_states=value, layer_idx=module.layer_idx,
+        read_index=kwargs["read_index"], write_index=kwargs["write_index"],
+    )
+    q = query.transpose(1, 2).squeeze(0)
+    out = kv_paged.ops.flash_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_q.to(torch.int32), cu_k.to(torch.int32),
+        int(max_q), int(max_k), scale=scaling, causal=True, sliding_window=window, softcap=softcap,
+    )
+    return out.unsqueeze(0), None
 
 
 # ---------------------------------------------------------------------------------------------
