@@ -13,7 +13,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("kv_paged.ops")  # until the ops branch is merged
 
 import kv_paged  # noqa: E402
 from kv_paged.cache import AttentionMetadata, KVCachePool  # noqa: E402

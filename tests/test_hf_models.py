@@ -13,7 +13,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("kv_paged.ops")  # until the ops branch is merged
 
 from kv_paged.integrations import hf  # noqa: E402
 
