@@ -296,3 +296,45 @@ def test_transformers_continuous_batching(arch: str) -> None:
     for p in prompts:
         ref = eager.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p) :].tolist()
         assert by_prompt[tuple(p)] == ref
+
+
+def test_generate_continues_a_conversation() -> None:
+    """A second generate on the same cache with the full sequence + a new turn (transformers' cache
+    reuse convention) runs only the new columns and equals eager on the whole text."""
+    model = hf.tiny_model("llama")
+    eager = hf.tiny_model("llama", attn_implementation="eager")
+    ids, mask = _left_pad([_ids(1, n, seed=20 + n)[0] for n in (7, 4)])
+    cache = hf.PagedCache.for_model(model, num_blocks=64, block_size=BLOCK_SIZE)
+    first = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    turn = _ids(2, 3, seed=30)
+    ids2 = torch.cat([first, turn], dim=1)
+    mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=torch.long)], dim=1)
+    assert cache.get_seq_length() == first.shape[1] - 1  # the last sampled token was never fed back
+    widths = _count_forward_tokens(model)
+    ours = model.generate(ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=6, **GEN)
+    assert widths[0] == turn.shape[1] + 1
+    ref = eager.generate(ids2, attention_mask=mask2, max_new_tokens=6, **GEN)
+    assert_greedy_equal(ours, ref, ids2.shape[1])
+    # An input shorter than what the cache holds is not a continuation: refused, cache unchanged.
+    with pytest.raises(ValueError, match="attention_mask must cover"):
+        model.generate(ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=1)
+    assert cache.get_seq_length() == ours.sequences.shape[1] - 1
+
+
+def test_recomputed_cached_tokens_must_match() -> None:
+    model = hf.tiny_model("llama")
+    a = _ids(1, 12, seed=40)
+    cache = hf.PagedCache.for_model(model, num_blocks=32, block_size=BLOCK_SIZE)
+    with torch.no_grad():
+        model(a, past_key_values=cache)
+        cache.reset()
+        ids, mask = _left_pad([torch.cat([a[0, :8], _ids(1, 3, seed=41)[0]]), _ids(1, 4, seed=42)[0]])
+        skip = cache.add_prompts(ids, mask)
+        assert skip == 7  # row 1 has 7 pads and nothing cached: row 0 recomputes its token 7
+        bad = ids.clone()
+        bad[0, 7] = (bad[0, 7] + 1) % 128
+        with pytest.raises(ValueError, match="do not match"):
+            model(bad[:, skip:], attention_mask=mask, past_key_values=cache)
+        assert cache.get_seq_length() == skip
+        model(ids[:, skip:], attention_mask=mask, past_key_values=cache)
+        assert cache.get_seq_length() == ids.shape[1]
