@@ -109,9 +109,7 @@ class AttentionMetadata:
                 f"slot_mapping must be int64 [sum(query_lens)={total}], got {tuple(slot_mapping.shape)}"
             )
         if token_index is not None and (token_index.dim() != 1 or token_index.numel() != total):
-            raise ValueError(
-                f"token_index must be int64 [{total}], got {tuple(token_index.shape)}"
-            )
+            raise ValueError(f"token_index must be int64 [{total}], got {tuple(token_index.shape)}")
         device = torch.device(device) if device is not None else block_tables.device
         cu = [0]
         for q in query_lens:
@@ -123,7 +121,9 @@ class AttentionMetadata:
             seq_lens_kv=torch.tensor(kv_lens, dtype=torch.int32, device=device),
             max_seqlen_q=max(query_lens, default=0),
             max_seqlen_kv=max(kv_lens, default=0),
-            token_index=None if token_index is None else token_index.to(device=device, dtype=torch.int64),
+            token_index=None
+            if token_index is None
+            else token_index.to(device=device, dtype=torch.int64),
             num_rows=total if num_rows is None else int(num_rows),
             no_prefix=all(q == k for q, k in zip(query_lens, kv_lens)),
         )
@@ -131,7 +131,9 @@ class AttentionMetadata:
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[num_rows, ...] (the model's flattened input layout) -> [T, ...] packed tokens."""
         if x.shape[0] != self.num_rows:
-            raise ValueError(f"expected {self.num_rows} rows, got a tensor of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected {self.num_rows} rows, got a tensor of shape {tuple(x.shape)}"
+            )
         return x if self.token_index is None else x.index_select(0, self.token_index)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +162,11 @@ class KVCachePool:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size)):
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+        ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         heads = [num_kv_heads] * num_layers if isinstance(num_kv_heads, int) else list(num_kv_heads)
@@ -182,13 +188,17 @@ class KVCachePool:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_caches + self.v_caches)
 
-    def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata) -> None:
+    def write(
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
         """Store one layer's new K/V.
 
         key, value: [T, num_kv_heads, head_dim] packed like meta (slot_mapping [T], -1 skipped).
         """
         k_cache, v_cache = self.k_caches[layer_idx], self.v_caches[layer_idx]
-        ops.reshape_and_cache(key.to(k_cache.dtype), value.to(v_cache.dtype), k_cache, v_cache, meta.slot_mapping)
+        ops.reshape_and_cache(
+            key.to(k_cache.dtype), value.to(v_cache.dtype), k_cache, v_cache, meta.slot_mapping
+        )
 
     def attend(
         self,
@@ -214,13 +224,29 @@ class KVCachePool:
             return query.new_zeros(query.shape)
         if meta.no_prefix and key is not None and value is not None:
             return ops.flash_attention(
-                query, key, value, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,
-                meta.max_seqlen_q, scale=scale, causal=True, sliding_window=window, softcap=cap,
+                query,
+                key,
+                value,
+                meta.cu_seqlens_q,
+                meta.cu_seqlens_q,
+                meta.max_seqlen_q,
+                meta.max_seqlen_q,
+                scale=scale,
+                causal=True,
+                sliding_window=window,
+                softcap=cap,
             )
         return ops.paged_attention(
-            query, self.k_caches[layer_idx], self.v_caches[layer_idx], meta.block_tables,
-            meta.cu_seqlens_q, meta.seq_lens_kv, scale=scale, causal=True,
-            sliding_window=window, softcap=cap,
+            query,
+            self.k_caches[layer_idx],
+            self.v_caches[layer_idx],
+            meta.block_tables,
+            meta.cu_seqlens_q,
+            meta.seq_lens_kv,
+            scale=scale,
+            causal=True,
+            sliding_window=window,
+            softcap=cap,
         )
 
     def copy_blocks(self, block_mapping: torch.Tensor) -> None:
@@ -265,7 +291,9 @@ class PaddedBatch:
     def seq_ids(self) -> list[int]:
         return [r.seq_id for r in self.rows]
 
-    def add_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+    def add_prompts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> int:
         """Book blocks for the prompts of a new batch, reusing prefix-cached blocks.
 
         input_ids: int [B, L]; attention_mask: [B, L] of 0/1, left padding only (or None).
@@ -274,8 +302,14 @@ class PaddedBatch:
         """
         if self.rows:
             raise RuntimeError("this batch already holds prompts")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be an int tensor [B, L] with L > 0, got {_shape(input_ids)}")
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dim() != 2
+            or input_ids.shape[1] == 0
+        ):
+            raise ValueError(
+                f"input_ids must be an int tensor [B, L] with L > 0, got {_shape(input_ids)}"
+            )
         self._admit(input_ids, attention_mask)
         skip = min(r.pad + r.written for r in self.rows)
         self.columns = min(skip, input_ids.shape[1] - 1)
@@ -299,7 +333,11 @@ class PaddedBatch:
             self.rows.append(_Row(seq_id=seq_id, pad=pad, tokens=list(prompt), written=int(cached)))
 
     def begin_step(
-        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, *, device: torch.device
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        *,
+        device: torch.device,
     ) -> AttentionMetadata:
         """Book the step's tokens and return its metadata; commit_step() after a successful forward.
 
@@ -351,9 +389,13 @@ class PaddedBatch:
             known = len(row.tokens)
             overlap = max(min(end, known) - start, 0)
             if step_tokens[:overlap] != row.tokens[start : start + overlap]:
-                raise ValueError("input_ids do not match the tokens this PagedCache holds for the batch")
+                raise ValueError(
+                    "input_ids do not match the tokens this PagedCache holds for the batch"
+                )
             new_tokens = step_tokens[overlap:]
-            need += blocks_needed(known + len(new_tokens), self.block_size) - blocks_needed(known, self.block_size)
+            need += blocks_needed(known + len(new_tokens), self.block_size) - blocks_needed(
+                known, self.block_size
+            )
             plans.append((row, start, end, new_tokens))
         free = self.block_manager.num_free_blocks
         if need > free:
@@ -364,7 +406,9 @@ class PaddedBatch:
 
         slots: list[torch.Tensor] = []
         if all(len(new) == 1 and end - start == 1 for _, start, end, new in plans):  # decode
-            slots.append(self.block_manager.append_slots(self.seq_ids, [new[0] for *_, new in plans]))
+            slots.append(
+                self.block_manager.append_slots(self.seq_ids, [new[0] for *_, new in plans])
+            )
         else:
             for row, start, end, new_tokens in plans:
                 known = len(row.tokens)
@@ -388,9 +432,13 @@ class PaddedBatch:
             token_index = torch.tensor(index, dtype=torch.int64)
         self._pending = (kv_lens, c0 + seq)
         return AttentionMetadata.build(
-            query_lens=query_lens, kv_lens=kv_lens,
+            query_lens=query_lens,
+            kv_lens=kv_lens,
             block_tables=self.block_manager.block_tables(self.seq_ids),
-            slot_mapping=slot_mapping, device=device, token_index=token_index, num_rows=bsz * seq,
+            slot_mapping=slot_mapping,
+            device=device,
+            token_index=token_index,
+            num_rows=bsz * seq,
         )
 
     def commit_step(self) -> None:
@@ -415,7 +463,10 @@ def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int) -
     row is 0...0 1...1. None means no padding."""
     if attention_mask is None:
         return [0] * batch
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, length):
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (
+        batch,
+        length,
+    ):
         raise ValueError(
             f"attention_mask must be [batch={batch}, {length}] of 0/1, got {_shape(attention_mask)}"
         )

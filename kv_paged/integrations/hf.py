@@ -1,4 +1,4 @@
-"""HuggingFace transformers integration: the "kv_paged" attention, a paged `Cache`, tiny test models.
+"""HuggingFace transformers integration: "kv_paged" attention, a paged `Cache`, tiny test models.
 
 The only module that imports transformers. Design: `PagedCache.for_model(model)` hooks the model's
 forward; the hook sees input_ids + attention_mask, books blocks in the BlockManager and builds ONE
@@ -162,7 +162,8 @@ class PagedCache(Cache):
         if not isinstance(pool, KVCachePool):
             raise TypeError(f"pool must be a kv_paged.cache.KVCachePool, got {type(pool).__name__}")
         if block_manager is not None and (
-            block_manager.num_blocks != pool.num_blocks or block_manager.block_size != pool.block_size
+            block_manager.num_blocks != pool.num_blocks
+            or block_manager.block_size != pool.block_size
         ):
             raise ValueError(
                 f"block_manager has num_blocks={block_manager.num_blocks}, block_size="
@@ -203,9 +204,13 @@ class PagedCache(Cache):
         device) and hooked into model's forward."""
         spec = kv_cache_spec(model)
         pool = KVCachePool(
-            num_layers=len(spec["num_kv_heads"]), num_blocks=num_blocks, block_size=block_size,
-            num_kv_heads=spec["num_kv_heads"], head_dim=spec["head_dim"],
-            dtype=dtype or spec["dtype"], device=spec["device"],
+            num_layers=len(spec["num_kv_heads"]),
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=spec["num_kv_heads"],
+            head_dim=spec["head_dim"],
+            dtype=dtype or spec["dtype"],
+            device=spec["device"],
         )
         if block_manager is None:
             block_manager = kv_paged.BlockManager(num_blocks, block_size, enable_prefix_caching)
@@ -245,7 +250,9 @@ class PagedCache(Cache):
         self._stepping = False
         self._broken = None
 
-    def add_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+    def add_prompts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> int:
         """Start a new batch: book blocks for each (left-padded) prompt, reusing prefix-cached ones.
 
         input_ids: int [B, L]; attention_mask: [B, L] of 0/1, left padding only (or None).
@@ -256,7 +263,9 @@ class PagedCache(Cache):
         if self.block_manager is None:
             raise RuntimeError("this PagedCache has no BlockManager (built for an engine)")
         if self._batch is not None:
-            raise RuntimeError("PagedCache already holds a batch; call cache.reset() before add_prompts()")
+            raise RuntimeError(
+                "PagedCache already holds a batch; call cache.reset() before add_prompts()"
+            )
         batch = PaddedBatch(self.block_manager, first_seq_id=self._next_seq_id)
         columns = batch.add_prompts(input_ids, attention_mask)
         self._batch, self._next_seq_id = batch, batch.next_seq_id
@@ -266,7 +275,9 @@ class PagedCache(Cache):
         """Engine path: the next forward (packed input_ids [1, T] with explicit position_ids) uses
         `meta` as is, with no sequence bookkeeping here. None clears a step that was not run."""
         if meta is not None and not isinstance(meta, AttentionMetadata):
-            raise TypeError(f"meta must be a kv_paged.cache.AttentionMetadata or None, got {type(meta).__name__}")
+            raise TypeError(
+                f"meta must be a kv_paged.cache.AttentionMetadata or None, got {type(meta).__name__}"
+            )
         self._external_meta = meta
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -276,7 +287,9 @@ class PagedCache(Cache):
 
     def _check_usable(self) -> None:
         if self._broken is not None:
-            raise RuntimeError(f"PagedCache is unusable after a failed forward ({self._broken}); call reset()")
+            raise RuntimeError(
+                f"PagedCache is unusable after a failed forward ({self._broken}); call reset()"
+            )
 
     def _begin_step(self, input_ids: torch.Tensor | None, attention_mask: Any) -> None:
         self._check_usable()
@@ -451,11 +464,15 @@ def kv_paged_mask(
         device = attention_mask.device
         mask = attention_mask[:, -kv_length:].bool()
         if mask.shape[1] != kv_length:
-            raise ValueError(f"attention_mask has {mask.shape[1]} columns, fewer than kv_length={kv_length}")
+            raise ValueError(
+                f"attention_mask has {mask.shape[1]} columns, fewer than kv_length={kv_length}"
+            )
         pads = (~mask).sum(dim=1)
         expected = torch.arange(kv_length, device=device)[None, :] >= pads[:, None]
         if not torch.equal(mask, expected):
-            raise ValueError("kv_paged attention supports left padding only (attention_mask rows 0...0 1...1)")
+            raise ValueError(
+                "kv_paged attention supports left padding only (attention_mask rows 0...0 1...1)"
+            )
         if bool(mask.all()):
             mask = None
     else:
@@ -471,12 +488,14 @@ def kv_paged_mask(
         k_index = mask.reshape(-1).nonzero().squeeze(1)
     zero = torch.zeros(1, dtype=torch.int32, device=device)
     return DenseVarlen(
-        q_index=q_index, k_index=k_index,
+        q_index=q_index,
+        k_index=k_index,
         cu_seqlens_q=torch.cat([zero, q_lens.cumsum(0, dtype=torch.int32)]),
         cu_seqlens_k=torch.cat([zero, k_lens.cumsum(0, dtype=torch.int32)]),
         max_seqlen_q=int(q_lens.max()) if batch_size else 0,
         max_seqlen_k=int(k_lens.max()) if batch_size else 0,
-        q_length=q_length, kv_length=kv_length,
+        q_length=q_length,
+        kv_length=kv_length,
     )
 
 
@@ -505,9 +524,13 @@ def kv_paged_attention(
     Returns ([B, S, num_heads, head_dim], None); rows at padding positions are zeros.
     """
     if dropout and module.training:
-        raise NotImplementedError("kv_paged attention does not implement attention dropout (training)")
+        raise NotImplementedError(
+            "kv_paged attention does not implement attention dropout (training)"
+        )
     if kwargs.get("output_attentions"):
-        raise NotImplementedError("kv_paged attention cannot return attention weights (output_attentions)")
+        raise NotImplementedError(
+            "kv_paged attention cannot return attention weights (output_attentions)"
+        )
     if kwargs.get("cache") is not None and not isinstance(kwargs.get("cache"), PagedCache):
         return _continuous_batching_attention(module, query, key, value, scaling, kwargs)
     window, softcap = _window_and_cap(module, kwargs)
@@ -517,11 +540,18 @@ def kv_paged_attention(
     if cache is not None and cache._meta is not None:
         meta = cache._meta
         layer_idx = module.layer_idx
-        new_kv = cache._new_kv if cache._new_kv is not None and cache._new_kv[0] == layer_idx else None
+        new_kv = (
+            cache._new_kv if cache._new_kv is not None and cache._new_kv[0] == layer_idx else None
+        )
         out = cache.pool.attend(
-            layer_idx, meta.pack(q), meta,
-            key=None if new_kv is None else new_kv[1], value=None if new_kv is None else new_kv[2],
-            scale=scaling, sliding_window=window, softcap=softcap,
+            layer_idx,
+            meta.pack(q),
+            meta,
+            key=None if new_kv is None else new_kv[1],
+            value=None if new_kv is None else new_kv[2],
+            scale=scaling,
+            sliding_window=window,
+            softcap=softcap,
         )
         return meta.unpack(out).view(bsz, seq, heads, -1), None
 
@@ -541,10 +571,17 @@ def kv_paged_attention(
         q = q.index_select(0, varlen.q_index)
         k, v = k.index_select(0, varlen.k_index), v.index_select(0, varlen.k_index)
     out = kv_paged.ops.flash_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), varlen.cu_seqlens_q, varlen.cu_seqlens_k,
-        varlen.max_seqlen_q, varlen.max_seqlen_k, scale=scaling,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        varlen.cu_seqlens_q,
+        varlen.cu_seqlens_k,
+        varlen.max_seqlen_q,
+        varlen.max_seqlen_k,
+        scale=scaling,
         causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
-        sliding_window=window, softcap=softcap,
+        sliding_window=window,
+        softcap=softcap,
     )
     if varlen.q_index is not None:
         out = out.new_zeros((bsz * seq, *out.shape[1:])).index_copy_(0, varlen.q_index, out)
@@ -555,7 +592,8 @@ def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
     """transformers' own continuous batching ("paged|kv_paged", transformers 5.17-5.22): K/V go
     through its PagedAttentionCache (kwargs["cache"]), which returns each sequence's past + new K/V
     packed as [Tk, num_kv_heads, head_dim] in cu_seq_lens_k order; attention runs on kv_paged's
-    varlen flash attention. query: [1, num_heads, T, head_dim]. Returns ([1, T, num_heads, head_dim], None).
+    varlen flash attention. query: [1, num_heads, T, head_dim].
+    Returns ([1, T, num_heads, head_dim], None).
     """
     cache = kwargs["cache"]
     window, softcap = _window_and_cap(module, kwargs)
@@ -567,13 +605,25 @@ def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
     cu_q = kwargs["cu_seq_lens_q"]
     max_q = kwargs.get("max_seqlen_q", kwargs.get("max_length_q"))
     k, v = cache.update(
-        key_states=key, value_states=value, layer_idx=module.layer_idx,
-        read_index=kwargs["read_index"], write_index=kwargs["write_index"],
+        key_states=key,
+        value_states=value,
+        layer_idx=module.layer_idx,
+        read_index=kwargs["read_index"],
+        write_index=kwargs["write_index"],
     )
     q = query.transpose(1, 2).squeeze(0)
     out = kv_paged.ops.flash_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), cu_q.to(torch.int32), cu_k.to(torch.int32),
-        int(max_q), int(max_k), scale=scaling, causal=True, sliding_window=window, softcap=softcap,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        cu_q.to(torch.int32),
+        cu_k.to(torch.int32),
+        int(max_q),
+        int(max_k),
+        scale=scaling,
+        causal=True,
+        sliding_window=window,
+        softcap=softcap,
     )
     return out.unsqueeze(0), None
 
@@ -582,12 +632,21 @@ def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
 # Tiny random-weight models (tests, demo): built in code, no download
 # ---------------------------------------------------------------------------------------------
 
-_COMMON_CONFIG = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-    pad_token_id=0, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False,
-    initializer_range=0.1,
-)
+_COMMON_CONFIG = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": None,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.1,
+}
 # arch -> (config class, model class, overrides). Windows and softcaps are small so that 32
 # generated tokens cross them and random weights make them matter.
 TINY_ARCHS: dict[str, tuple[str, str, dict]] = {
@@ -596,17 +655,28 @@ TINY_ARCHS: dict[str, tuple[str, str, dict]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "gemma2": (
-        "Gemma2Config", "Gemma2ForCausalLM",
-        {"sliding_window": 6, "attn_logit_softcapping": 3.0, "final_logit_softcapping": 30.0,
-         "query_pre_attn_scalar": 16, "layer_types": ["sliding_attention", "full_attention"]},
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "sliding_window": 6,
+            "attn_logit_softcapping": 3.0,
+            "final_logit_softcapping": 30.0,
+            "query_pre_attn_scalar": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"head_dim": None, "sliding_window": None}),
 }
 
 
 def tiny_model(
-    arch: str, *, attn_implementation: str = ATTN_NAME, seed: int = 0, dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu", **config_overrides: Any,
+    arch: str,
+    *,
+    attn_implementation: str = ATTN_NAME,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    **config_overrides: Any,
 ) -> torch.nn.Module:
     """A tiny random-weight causal LM of `arch` (see TINY_ARCHS), in eval mode.
 
