@@ -399,3 +399,36 @@ def test_recomputed_cached_tokens_must_match() -> None:
         assert cache.get_seq_length() == skip
         model(ids[:, skip:], attention_mask=mask, past_key_values=cache)
         assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_import_without_transformers() -> None:
+    """`import kv_paged` works where transformers cannot be imported (the extra is optional)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None; import kv_paged; "
+        "assert 'kv_paged.integrations.hf' not in sys.modules; print(kv_paged.BlockManager.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "BlockManager"
+
+
+def test_version_guard_names_the_installed_version() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, transformers; transformers.__version__ = '5.9.1'\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always'); import kv_paged\n"
+        "assert any('5.9.1' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "try:\n"
+        "    import kv_paged.integrations.hf\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "transformers 5.9.1" in out.stdout and ">=5.17" in out.stdout
