@@ -54,6 +54,10 @@ def test_batched_generate_equals_single(arch: str) -> None:
         )
         pad = ids.shape[1] - prompt.numel()
         assert_greedy_equal(_Row(batched, i, pad), _Row(alone, 0, 0), prompt.numel())
+    # transformers' own cache (DynamicCache; sliding layers trimmed on Gemma-2) with kv_paged attention.
+    dense = model.generate(ids, attention_mask=mask, max_new_tokens=new, **GEN)
+    for i in range(len(prompts)):
+        assert_greedy_equal(_Row(dense, i, 0), _Row(batched, i, 0), ids.shape[1])
     # Pads never take blocks: each sequence holds its prompt + new - 1 tokens.
     expect = sum(math.ceil((n + new - 1) / BLOCK_SIZE) for n in lengths)
     assert cache.block_manager.stats()["blocks_in_use"] == expect
@@ -432,3 +436,19 @@ def test_version_guard_names_the_installed_version() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert "transformers 5.9.1" in out.stdout and ">=5.17" in out.stdout
+
+
+def test_metadata_built_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = hf.tiny_model("gemma2")  # 2 layers of different kinds (sliding, full)
+    cache = hf.PagedCache.for_model(model, num_blocks=16, block_size=BLOCK_SIZE)
+    calls = []
+    build = AttentionMetadata.build.__func__
+    monkeypatch.setattr(
+        AttentionMetadata,
+        "build",
+        classmethod(lambda cls, **kw: calls.append(1) or build(cls, **kw)),
+    )
+    with torch.no_grad():
+        model(_ids(2, 5, seed=1), past_key_values=cache)
+        model(_ids(2, 1, seed=2), past_key_values=cache)
+    assert len(calls) == 2
