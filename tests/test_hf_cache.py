@@ -443,3 +443,12 @@ def test_metadata_built_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> Non
         model(_ids(2, 5, seed=1), past_key_values=cache)
         model(_ids(2, 1, seed=2), past_key_values=cache)
     assert len(calls) == 2
+
+
+def test_packed_sequences_without_cache_are_refused() -> None:
+    """position_ids that restart inside a row (packed training batches) need a block-diagonal
+    mask that varlen-by-row attention does not build: refused, not silently wrong."""
+    model = hf.tiny_model("llama")
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="packed"):
+        model(_ids(1, 7, seed=1), position_ids=pos, use_cache=False)

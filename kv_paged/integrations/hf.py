@@ -438,6 +438,24 @@ class DenseVarlen:
     kv_length: int
 
 
+def _is_causal_or_sliding(mask_function: Any) -> bool:
+    """Whether transformers' mask_function is its plain causal or sliding-window causal mask (the
+    only patterns varlen attention reproduces); packed-sequence and overlay masks are not."""
+    causal = masking_utils.causal_mask_function
+    if mask_function is None or mask_function is causal:
+        return True
+    closure = getattr(mask_function, "__closure__", None)
+    if getattr(mask_function, "__name__", "") != "and_mask" or not closure:
+        return False
+    parts = closure[0].cell_contents
+    return (
+        isinstance(parts, tuple)
+        and len(parts) == 2
+        and parts[1] is causal
+        and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay.")
+    )
+
+
 def kv_paged_mask(
     batch_size: int,
     q_length: int,
@@ -455,9 +473,10 @@ def kv_paged_mask(
     """
     if _active_cache() is not None:
         return None
-    if kwargs.get("use_vmap"):
+    if kwargs.get("use_vmap") or not _is_causal_or_sliding(mask_function):
         raise NotImplementedError(
-            "kv_paged attention supports causal and sliding-window masks only, not custom mask functions"
+            "kv_paged attention supports causal and sliding-window masks only, not custom mask "
+            "functions (or_mask / and_mask overlays, packed sequences, bidirectional)"
         )
     device = kwargs.get("device")
     if attention_mask is not None:
