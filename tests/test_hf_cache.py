@@ -355,6 +355,8 @@ def test_transformers_continuous_batching(arch: str) -> None:
             0, len(p) :
         ].tolist()
         assert by_prompt[tuple(p)] == ref
+    with torch.no_grad(), pytest.raises(ValueError, match="continuous batching"):
+        model(torch.tensor([prompts[0]]))  # a plain forward has no varlen metadata under this name
 
 
 def test_generate_continues_a_conversation() -> None:

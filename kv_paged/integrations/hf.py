@@ -574,6 +574,11 @@ def kv_paged_attention(
         )
         return meta.unpack(out).view(bsz, seq, heads, -1), None
 
+    if getattr(module.config, "_attn_implementation", None) == PAGED_ATTN_NAME:
+        raise ValueError(
+            f"'{PAGED_ATTN_NAME}' serves transformers' continuous batching (generate_batch) or a "
+            f"PagedCache; use attn_implementation='{ATTN_NAME}' for a standard forward"
+        )
     if attention_mask is not None and not isinstance(attention_mask, DenseVarlen):
         raise ValueError(
             "kv_paged attention got a mask it did not build (a custom 4D mask?): it supports causal "
@@ -720,6 +725,10 @@ def tiny_model(
 # ---------------------------------------------------------------------------------------------
 
 
+def _no_mask(*args, **kwargs) -> None:
+    """Mask function of "paged|kv_paged": continuous batching passes cu_seq_lens, no mask is read."""
+
+
 def register() -> None:
     """Register "kv_paged" in transformers' AttentionInterface and AttentionMaskInterface (and
     "paged|kv_paged" where transformers' continuous batching dispatches on "paged|" names)."""
@@ -727,7 +736,7 @@ def register() -> None:
     masking_utils.AttentionMaskInterface.register(ATTN_NAME, kv_paged_mask)
     if _HAS_CB_PAGED_NAMES:
         modeling_utils.AttentionInterface.register(PAGED_ATTN_NAME, kv_paged_attention)
-        masking_utils.AttentionMaskInterface.register(PAGED_ATTN_NAME, kv_paged_mask)
+        masking_utils.AttentionMaskInterface.register(PAGED_ATTN_NAME, _no_mask)
 
 
 register()
