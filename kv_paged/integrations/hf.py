@@ -144,8 +144,8 @@ class PagedCache(Cache):
       * generate / a hand-written loop: each forward's input_ids [B, S] (left-padded, with the
         2D attention_mask over past + new columns) extends the cache's batch; pad tokens are never
         written nor attended. The first forward after reset() starts a new batch.
-      * an engine: `set_step(meta)` before a forward on packed input_ids [1, T] with explicit
-        position_ids; the engine owns sequence bookkeeping in `cache.block_manager`.
+      * an engine: `PagedCache.for_engine(model, pool)`, then `set_step(meta)` before each forward
+        on packed input_ids [1, T] with explicit position_ids; the engine owns the BlockManager.
     """
 
     def __init__(
