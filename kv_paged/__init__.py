@@ -13,3 +13,15 @@ with_cuda: bool = bool(getattr(_C, "with_cuda", False))
 from kv_paged.block_manager import BlockManager  # noqa: E402  (needs _C loaded)
 
 __version__ = "0.1.0"
+from kv_paged import ops  # noqa: E402,F401  (registers the fake implementations)
+
+# Register the "kv_paged" attention with transformers when it is installed (optional extra).
+import importlib.util as _importlib_util  # noqa: E402
+
+if _importlib_util.find_spec("transformers") is not None:
+    try:
+        from kv_paged.integrations import hf as _hf  # noqa: F401  (registers on import)
+    except ImportError as _e:
+        import warnings as _warnings
+
+        _warnings.warn(f"kv_paged: the transformers integration is unavailable: {_e}", stacklevel=2)
