@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <limits>
 #include <sstream>
-#include <unordered_set>
 
 namespace kv_paged {
 namespace {
@@ -359,16 +358,17 @@ void BlockManager::append_slots(const std::vector<int64_t>& seq_ids,
     throw std::invalid_argument(cat("append_slots: seq_ids has ", n, " entries but token_ids has ",
                                     token_ids.size()));
   }
-  std::vector<Sequence*> seqs(n);
-  std::unordered_set<int64_t> seen;
+  std::vector<Sequence*>& seqs = batch_seqs_;
+  seqs.resize(n);
   std::unordered_map<int32_t, int64_t> cow_share;  // shared partial last block -> batch members
-  seen.reserve(n * 2);
+  const uint64_t stamp = ++batch_stamp_;  // bookkeeping only: no observable state changes
   int64_t needed = 0;
   for (size_t i = 0; i < n; ++i) {
     Sequence& seq = seq_or_throw(seq_ids[i], "append_slots");
-    if (!seen.insert(seq_ids[i]).second) {
+    if (seq.batch_stamp == stamp) {
       throw std::invalid_argument(cat("append_slots: duplicate seq_id ", seq_ids[i]));
     }
+    seq.batch_stamp = stamp;
     checked_token(token_ids[i], "append_slots");
     if (seq.tokens.size() >= static_cast<size_t>(kMaxTokenId)) {
       throw std::invalid_argument(cat("append_slots: seq_id ", seq_ids[i], " is at max length"));

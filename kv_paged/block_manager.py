@@ -20,6 +20,8 @@ __all__ = ["BlockManager"]
 
 def _token_list(token_ids: Sequence[int] | torch.Tensor, name: str) -> list[int]:
     """Token ids as a list of Python ints; rejects bools, floats and non-1-D tensors by name."""
+    if type(token_ids) is list and set(map(type, token_ids)) <= {int}:
+        return token_ids  # the common case, checked at C speed (no per-element Python)
     if isinstance(token_ids, torch.Tensor):
         if token_ids.dim() != 1 or token_ids.dtype.is_floating_point or token_ids.dtype.is_complex:
             raise ValueError(
@@ -112,7 +114,8 @@ class BlockManager:
 
         Args:
             seq_id: a new sequence id.
-            token_ids: the prompt, [num_tokens] ints in [0, 2**31).
+            token_ids: the prompt, [num_tokens] ints in [0, 2**31): a list, or a 1-D integer
+                tensor (read directly in C++, the fastest input).
             extra_key: separates prefix-cache tenants (LoRA adapter id, cache salt); prompts only
                 share blocks with prompts of the same extra_key.
 
@@ -121,10 +124,18 @@ class BlockManager:
             block_size, always < len(token_ids)); compute positions [num_cached_tokens, len).
         """
         seq_id = _check_int(seq_id, "seq_id")
-        tokens = _token_list(token_ids, "token_ids")
         if extra_key is not None and not isinstance(extra_key, str):
             raise ValueError(f"extra_key must be a str or None, got {type(extra_key).__name__}")
-        return self._bm.allocate(seq_id, tokens, extra_key)
+        if isinstance(token_ids, torch.Tensor):  # read in C++: no per-element Python
+            if token_ids.dim() != 1 or token_ids.dtype.is_floating_point or token_ids.dtype.is_complex:
+                raise ValueError(
+                    f"token_ids must be a 1-D integer tensor, got dtype {token_ids.dtype} "
+                    f"shape {tuple(token_ids.shape)}"
+                )
+            if token_ids.dtype == torch.bool:
+                raise ValueError("token_ids must hold integer token ids, got a bool tensor")
+            return self._bm.allocate_tensor(seq_id, token_ids, extra_key)
+        return self._bm.allocate(seq_id, _token_list(token_ids, "token_ids"), extra_key)
 
     def mark_computed(
         self, seq_ids: Sequence[int], num_computed_tokens: Sequence[int]

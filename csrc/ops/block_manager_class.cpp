@@ -38,6 +38,18 @@ struct BlockManagerClass : torch::CustomClassHolder {
     });
   }
 
+  // token_ids: integer [num_tokens] on CPU; read in C++, no per-element Python.
+  int64_t allocate_tensor(int64_t seq_id, const at::Tensor& token_ids,
+                          const std::optional<std::string>& extra_key) {
+    TORCH_CHECK_VALUE(token_ids.dim() == 1, "allocate: token_ids must be 1-D, got shape ",
+                      token_ids.sizes());
+    TORCH_CHECK_VALUE(at::isIntegralType(token_ids.scalar_type(), /*includeBool=*/false),
+                      "allocate: token_ids must hold integers, got ", token_ids.scalar_type());
+    const at::Tensor t = token_ids.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* p = t.data_ptr<int64_t>();
+    return allocate(seq_id, std::vector<int64_t>(p, p + t.numel()), extra_key);
+  }
+
   // -> int64 [B]
   at::Tensor append_slots(const std::vector<int64_t>& seq_ids,
                           const std::vector<int64_t>& token_ids) {
@@ -126,6 +138,7 @@ void register_block_manager_class(torch::Library& m) {
       .def("can_allocate",
            [](const Self& s, int64_t n) { return translate_errors([&] { return s->bm.can_allocate(n); }); })
       .def("allocate", &BlockManagerClass::allocate)
+      .def("allocate_tensor", &BlockManagerClass::allocate_tensor)
       .def("mark_computed",
            [](const Self& s, std::vector<int64_t> seq_ids, std::vector<int64_t> num_computed) {
              translate_errors([&] { s->bm.mark_computed(seq_ids, num_computed); });

@@ -131,6 +131,7 @@ class BlockManager {
     std::vector<uint64_t> block_hashes;  // chained hashes of the leading full computed blocks
     int64_t num_computed = 0;
     int32_t extra_id = 0;
+    uint64_t batch_stamp = 0;  // duplicate detection in batched calls without a set
   };
 
   // ---- lists ----
@@ -175,6 +176,8 @@ class BlockManager {
   std::unordered_map<std::string, int32_t> extra_ids_;  // 0 = no extra key
   std::vector<uint64_t> extra_hashes_{0};
   std::vector<std::pair<int32_t, int32_t>> pending_copies_;
+  uint64_t batch_stamp_ = 0;
+  std::vector<Sequence*> batch_seqs_;  // scratch of append_slots, reused across calls
   BlockManagerStats counters_;  // prefix_*, evictions, cow_copies; the rest is filled by stats()
 };
 
