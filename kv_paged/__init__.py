@@ -25,3 +25,11 @@ if _importlib_util.find_spec("transformers") is not None:
         import warnings as _warnings
 
         _warnings.warn(f"kv_paged: the transformers integration is unavailable: {_e}", stacklevel=2)
+
+
+def __getattr__(name: str):  # Engine / SamplingParams load lazily: kv_paged.engine imports more modules
+    if name in ("Engine", "SamplingParams"):
+        from kv_paged import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'kv_paged' has no attribute {name!r}")

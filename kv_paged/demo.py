@@ -61,19 +61,25 @@ def chat_workload(num_users: int, system_len: int, vocab: int, seed: int, tokeni
     return system, first, second
 
 
-def run_chat(engine, system, first, second, params, use_tqdm: bool = True):
-    """Serves turn 1 of every user, and each user's turn 2 as soon as their turn 1 finishes.
+def run_chat(engine, system, first, second, params, use_tqdm: bool = True, arrivals_per_step: int = 4):
+    """Serves turn 1 of every user (arrivals_per_step new users per engine step), and each user's
+    turn 2 as soon as their turn 1 finishes.
     Returns {(user, turn): RequestOutput}."""
     from kv_paged.engine import _progress_bar
 
-    engine._start_run()
+    engine.reset_metrics()
     results = {}
     prompts = {}
-    for u, msg in enumerate(first):
-        prompts[(u, 1)] = system + msg
-        engine.add_request(prompts[(u, 1)], params, request_id=f"user{u}-turn1")
+    arrivals = list(enumerate(first))
     bar = _progress_bar(2 * len(first), use_tqdm)
-    while engine.has_unfinished():
+    while arrivals or engine.has_unfinished():
+        # Users arrive a few per step: the first one's prefill puts the system prompt in the prefix
+        # cache, so later users compute only their own text.
+        k = 1 if len(arrivals) == len(first) else arrivals_per_step
+        for u, msg in arrivals[:k]:
+            prompts[(u, 1)] = system + msg
+            engine.add_request(prompts[(u, 1)], params, request_id=f"user{u}-turn1")
+        del arrivals[:k]
         for out in engine.step():
             if not out.finished:
                 continue
@@ -121,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="local HF checkpoint directory (default: embedded random-weight Llama)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--users", type=int, default=48)
-    parser.add_argument("--system-len", type=int, default=192, help="system prompt tokens (embedded model)")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--num-blocks", type=int, default=1024)
+    parser.add_argument("--users", type=int, default=32)
+    parser.add_argument("--system-len", type=int, default=160, help="system prompt tokens (embedded model)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-blocks", type=int, default=512)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/demo_kv_memory.png", help="where the PNG goes")

@@ -99,7 +99,7 @@ class Engine:
             num_blocks = max(1, min(budget // self.bytes_per_block, cap))
         self.num_blocks = num_blocks
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size)
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs, max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         )
@@ -135,7 +135,7 @@ class Engine:
         if request_id in self._requests:
             raise ValueError(f"add_request: request_id {request_id!r} is already in use")
         if self._metrics is None or not self.has_unfinished():
-            self._start_run()
+            self.reset_metrics()
         seed = params.seed if params.seed is not None else int(torch.randint(0, 1 << 62, (1,)).item())
         req = Request(request_id, token_ids, params, seed, arrival=len(self._requests), stop_ids=params.stop_set(self.eos_token_ids))
         req.forked = params.n == 1
@@ -156,10 +156,13 @@ class Engine:
         return self.scheduler.has_unfinished() or bool(self._pending_outputs)
 
     def abort(self, request_id: str) -> None:
+        """Stops a request and frees its blocks; the next step() reports it (finish_reason "abort")."""
         req = self._requests.get(request_id)
         if req is None:
             raise KeyError(f"abort: no request {request_id!r}")
         self.scheduler.abort_request(req)
+        req.forked = True  # an aborted n > 1 request never forks: report its samples as they are
+        self._pending_outputs.append(req)
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling step and one forward; returns the requests that got new tokens
@@ -193,7 +196,7 @@ class Engine:
             params_list = list(params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"generate: {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        self._start_run()
+        self.reset_metrics()
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         wanted = set(ids)
         results: dict[str, RequestOutput] = {}
@@ -217,12 +220,13 @@ class Engine:
         """Metrics of the current (or last) run: since generate() started, or since the engine
         went from idle to busy under the step API."""
         if self._metrics is None:
-            self._start_run()
+            self.reset_metrics()
         return self._metrics
 
     # ---- internals -------------------------------------------------------------------------------
 
-    def _start_run(self) -> None:
+    def reset_metrics(self) -> None:
+        """Starts a new metrics run (generate() does this itself)."""
         self._prefix_base = (self.scheduler.prefix_queried_tokens, self.scheduler.prefix_hit_tokens)
         self._metrics = EngineMetrics(
             num_blocks=self.num_blocks, block_size=self.block_size, bytes_per_block=self.bytes_per_block, start=time.perf_counter()

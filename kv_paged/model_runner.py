@@ -25,18 +25,17 @@ def kv_bytes_per_block(model, block_size: int) -> int:
 
 
 class ModelRunner:
-    """Owns the KV pools; runs one packed forward per step.
+    """Owns the KV pools (sized like the engine's BlockManager); one packed forward per step.
 
-    model: a transformers causal LM; its attention is switched to "kv_paged".
+    model: a transformers causal LM; its attention is switched to "kv_paged" (hf integration).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int) -> None:
         from kv_paged.integrations import hf
 
         spec = hf.kv_cache_spec(model)
-        param = next(model.parameters())
         self.model = model
-        self.device = param.device
+        self.device = spec["device"]
         self.pool = KVCachePool(
             num_layers=len(spec["num_kv_heads"]),
             num_blocks=num_blocks,
