@@ -8,8 +8,8 @@ generates exactly the same number of tokens. Backends (BACKENDS below), same mod
   hf_generate_batched  model.generate on batches of --hf-batch left-padded prompts, DynamicCache; a
                        batch runs to its longest max_new_tokens (the extra tokens are discarded and
                        not counted)
-  hf_generate_batch    transformers' own continuous batching (model.generate_batch, paged cache), when
-                       this transformers has it
+  hf_generate_batch    transformers' own continuous batching (the manager model.generate_batch
+                       drives, each request with its own max_new_tokens), when this transformers has it
   kv_paged_engine      kv_paged.Engine.generate
 Agreement is checked before timing is reported: every backend's tokens are compared with the
 kv_paged engine's (greedy, float32; a mismatch can only come from a near-tie and is reported).
@@ -91,29 +91,29 @@ def run_hf_generate_batched(model, requests, args):
 
 
 def run_hf_generate_batch(model, requests, args):
+    """transformers' continuous batching manager (what generate_batch drives), one request each
+    with its own max_new_tokens; its per-call set-up (cache sizing, thread start) is included."""
     from transformers import GenerationConfig
+    from transformers.generation.continuous_batching.continuous_api import WorkloadHints
 
     model.set_attn_implementation(args.hf_attn)
-    outs = []
-    # generate_batch takes one max_new_tokens: group the requests by it.
-    groups: dict[int, list[int]] = {}
-    for i, (_, n) in enumerate(requests):
-        groups.setdefault(n, []).append(i)
-    result: dict[int, list[int]] = {}
-    if args.hf_batch_single_call:
-        longest = max(n for _, n in requests)
-        gc = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=None, pad_token_id=0)
-        res = model.generate_batch([p for p, _ in requests], generation_config=gc, progress_bar=False)
-        for i, (key, val) in enumerate(sorted(res.items(), key=lambda kv: int(kv[0].split("_")[-1]))):
-            result[i] = list(val.generated_tokens)[: requests[i][1]]
-    else:
-        for n, idx in groups.items():
-            gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-            res = model.generate_batch([requests[i][0] for i in idx], generation_config=gc, progress_bar=False)
-            for i, (key, val) in zip(idx, sorted(res.items(), key=lambda kv: int(kv[0].split("_")[-1]))):
-                result[i] = list(val.generated_tokens)
-    outs = [result[i] for i in range(len(requests))]
-    return outs
+    gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=None, pad_token_id=0)
+    hints = WorkloadHints(
+        max_prompt_length=max(len(p) for p, _ in requests), max_generated_length=gc.max_new_tokens, num_requests=len(requests)
+    )
+    result: dict[str, list[int]] = {}
+    with model.continuous_batching_context_manager(generation_config=gc, block=True, timeout=5, workload_hints=hints) as manager:
+        for i, (p, n) in enumerate(requests):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
+        while len(result) < len(requests):
+            out = manager.get_result(timeout=1)
+            if out is None:
+                if not manager.is_running():
+                    raise RuntimeError("transformers' continuous batching loop stopped early")
+                continue
+            if out.is_finished():
+                result[out.request_id] = list(out.generated_tokens)
+    return [result[f"r{i}"] for i in range(len(requests))]
 
 
 def run_kv_paged_engine(model, requests, args, engine_box={}):  # noqa: B006
@@ -152,7 +152,6 @@ def main() -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--hf-attn", default="sdpa", help="attention of the transformers baselines")
     p.add_argument("--hf-batch", type=int, default=16, help="batch size of hf_generate_batched")
-    p.add_argument("--hf-batch-single-call", action="store_true", help="one generate_batch call at the longest max_new_tokens")
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)

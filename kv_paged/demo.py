@@ -10,6 +10,7 @@ end at a stop token or max_new_tokens, so their lengths are long-tailed like rea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import time
@@ -64,13 +65,16 @@ def chat_workload(num_users: int, system_len: int, vocab: int, seed: int, tokeni
 def run_chat(engine, system, first, second, params, use_tqdm: bool = True, arrivals_per_step: int = 4):
     """Serves turn 1 of every user (arrivals_per_step new users per engine step), and each user's
     turn 2 as soon as their turn 1 finishes.
-    Returns {(user, turn): RequestOutput}."""
+    Turn 2 continues the first sample. Returns {(user, turn): RequestOutput}."""
     from kv_paged.engine import _progress_bar
 
     engine.reset_metrics()
     results = {}
     prompts = {}
     arrivals = list(enumerate(first))
+    # Every 4th user asks for two alternative replies (n = 2: forked blocks, copy-on-write).
+    params_n2 = dataclasses.replace(params, n=2)
+    params_for = lambda u: params_n2 if u % 4 == 3 else params  # noqa: E731
     bar = _progress_bar(2 * len(first), use_tqdm)
     while arrivals or engine.has_unfinished():
         # Users arrive a few per step: the first one's prefill puts the system prompt in the prefix
@@ -78,7 +82,7 @@ def run_chat(engine, system, first, second, params, use_tqdm: bool = True, arriv
         k = 1 if len(arrivals) == len(first) else arrivals_per_step
         for u, msg in arrivals[:k]:
             prompts[(u, 1)] = system + msg
-            engine.add_request(prompts[(u, 1)], params, request_id=f"user{u}-turn1")
+            engine.add_request(prompts[(u, 1)], params_for(u), request_id=f"user{u}-turn1")
         del arrivals[:k]
         for out in engine.step():
             if not out.finished:
@@ -90,7 +94,7 @@ def run_chat(engine, system, first, second, params, use_tqdm: bool = True, arriv
                 bar.update(1)
             if key[1] == 1 and out.error is None:
                 prompts[(key[0], 2)] = prompts[key] + out.outputs[0].token_ids + second[key[0]]
-                engine.add_request(prompts[(key[0], 2)], params, request_id=f"user{key[0]}-turn2")
+                engine.add_request(prompts[(key[0], 2)], params_for(key[0]), request_id=f"user{key[0]}-turn2")
     if bar is not None:
         bar.close()
     engine.metrics().end = time.perf_counter()
@@ -115,7 +119,7 @@ def plot_memory(metrics, path: str, title: str) -> None:
     ax.set_xlabel("time (s)")
     ax.set_ylabel("KV cache memory (MiB)")
     ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

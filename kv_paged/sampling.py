@@ -80,8 +80,9 @@ def sample(
     """One token per row.
 
     logits: [B, vocab] (any float dtype, any device); params, generators: length B.
-    Greedy rows take argmax; the others are filtered (top_k, then top_p) in float32 on the CPU and
-    drawn from their own generator, so a row's token depends only on its logits and its generator.
+    Greedy rows take argmax. The others, in float32 on the CPU and vectorised: sort each row once,
+    keep its top_k, softmax, keep the top_p nucleus, then invert the CDF at one uniform drawn from
+    the row's own generator, so a row's token depends only on its logits and its generator.
     """
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
         raise ValueError(
@@ -92,20 +93,23 @@ def sample(
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out
+    vocab = logits.shape[1]
     sub = logits[rows].float().cpu()  # [R, vocab]
+    temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32)  # [R]
+    top_k = torch.tensor([params[i].top_k or vocab for i in rows]).clamp_(max=vocab)  # [R]
+    top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32)  # [R]
+    sorted_logits, order = torch.sort(sub / temps[:, None], dim=-1, descending=True)  # [R, vocab]
+    rank = torch.arange(vocab)[None, :]  # [1, vocab]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)  # [R, vocab], descending
+    # Keep a token while the mass before it is below top_p: the top token always survives.
+    probs = probs.masked_fill((torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None], 0.0)
+    cdf = torch.cumsum(probs, dim=-1)  # [R, vocab]
+    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows])  # [R]
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # [R]
+    # Rounding can land past the last kept token: clamp to it.
+    pick = torch.minimum(pick, (probs > 0).sum(dim=-1) - 1)
+    tokens = order.gather(1, pick[:, None])[:, 0].tolist()
     for r, i in enumerate(rows):
-        p = params[i]
-        row = sub[r] / p.temperature
-        if p.top_k and p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cum = torch.cumsum(sorted_probs, dim=-1)
-            # Keep a token while the mass before it is below top_p: the top token always survives.
-            drop = (cum - sorted_probs) >= p.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+        out[i] = tokens[r]
     return out
