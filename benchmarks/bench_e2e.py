@@ -55,7 +55,13 @@ def build_model(args):
 def make_requests(args) -> list[tuple[list[int], int]]:
     rng = random.Random(args.seed)
     return [
-        ([rng.randrange(1, args.vocab) for _ in range(rng.randint(args.min_prompt, args.max_prompt))], rng.randint(args.min_new, args.max_new))
+        (
+            [
+                rng.randrange(1, args.vocab)
+                for _ in range(rng.randint(args.min_prompt, args.max_prompt))
+            ],
+            rng.randint(args.min_new, args.max_new),
+        )
         for _ in range(args.requests)
     ]
 
@@ -66,7 +72,14 @@ def run_hf_generate_b1(model, requests, args):
     outs = []
     for prompt, new in requests:
         ids = torch.tensor([prompt], device=args.device)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         outs.append(out[0, len(prompt) :].tolist())
     return outs
 
@@ -84,7 +97,12 @@ def run_hf_generate_batched(model, requests, args):
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
         out = model.generate(
-            ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=max(n for _, n in chunk), do_sample=False, eos_token_id=None, pad_token_id=0
+            ids.to(args.device),
+            attention_mask=mask.to(args.device),
+            max_new_tokens=max(n for _, n in chunk),
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
         )
         outs += [out[r, width : width + n].tolist() for r, (_, n) in enumerate(chunk)]
     return outs
@@ -97,12 +115,21 @@ def run_hf_generate_batch(model, requests, args):
     from transformers.generation.continuous_batching.continuous_api import WorkloadHints
 
     model.set_attn_implementation(args.hf_attn)
-    gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=None, pad_token_id=0)
+    gc = GenerationConfig(
+        max_new_tokens=max(n for _, n in requests),
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     hints = WorkloadHints(
-        max_prompt_length=max(len(p) for p, _ in requests), max_generated_length=gc.max_new_tokens, num_requests=len(requests)
+        max_prompt_length=max(len(p) for p, _ in requests),
+        max_generated_length=gc.max_new_tokens,
+        num_requests=len(requests),
     )
     result: dict[str, list[int]] = {}
-    with model.continuous_batching_context_manager(generation_config=gc, block=True, timeout=5, workload_hints=hints) as manager:
+    with model.continuous_batching_context_manager(
+        generation_config=gc, block=True, timeout=5, workload_hints=hints
+    ) as manager:
         for i, (p, n) in enumerate(requests):
             manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
         while len(result) < len(requests):
@@ -120,9 +147,16 @@ def run_kv_paged_engine(model, requests, args, engine_box={}):  # noqa: B006
     from kv_paged.engine import Engine
     from kv_paged.sampling import SamplingParams
 
-    engine = Engine(model, num_blocks=args.num_blocks, block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = Engine(
+        model,
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     engine_box["engine"] = engine
-    params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests]
+    params = [
+        SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests
+    ]
     outs = engine.generate([p for p, _ in requests], params, use_tqdm=False)
     return [o.token_ids for o in outs]
 
@@ -136,7 +170,9 @@ BACKENDS = {
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--min-prompt", type=int, default=16)
     p.add_argument("--max-prompt", type=int, default=384)
@@ -193,7 +229,10 @@ def main() -> int:
             print(f"{name}: {notes[name]}")
             continue
         results[name], times[name] = outs, statistics.median(ts)
-        print(f"{name:22s} {times[name]:8.2f} s  {total_new / times[name]:9.1f} generated tok/s", flush=True)
+        print(
+            f"{name:22s} {times[name]:8.2f} s  {total_new / times[name]:9.1f} generated tok/s",
+            flush=True,
+        )
 
     ref_name = "kv_paged_engine" if "kv_paged_engine" in results else next(iter(results), None)
     agree = {}
@@ -221,13 +260,18 @@ def main() -> int:
     for name in names:
         if name in times:
             ratio = f"{base / times[name]:.2f}x" if base else "-"
-            lines.append(f"| {name} | {times[name]:.2f} | {total_new / times[name]:.1f} | {ratio} | {agree[name]} | {notes.get(name, '').strip()} |")
+            lines.append(
+                f"| {name} | {times[name]:.2f} | {total_new / times[name]:.1f} | {ratio} | {agree[name]} | {notes.get(name, '').strip()} |"
+            )
         else:
             lines.append(f"| {name} | - | - | - | - | {notes.get(name, '')} |")
     eng = run_kv_paged_engine.__defaults__[0].get("engine")
     if eng is not None:
         s = eng.metrics().summary()
-        lines += ["", f"kv_paged engine: {s['steps']} steps, pool {eng.num_blocks} blocks, peak {s['peak_blocks_paged_shared']} blocks in use, {s['preemptions']} preemptions."]
+        lines += [
+            "",
+            f"kv_paged engine: {s['steps']} steps, pool {eng.num_blocks} blocks, peak {s['peak_blocks_paged_shared']} blocks in use, {s['preemptions']} preemptions.",
+        ]
     text = "\n".join(lines) + "\n"
     print()
     print(text)

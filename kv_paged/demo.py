@@ -49,20 +49,33 @@ def chat_workload(num_users: int, system_len: int, vocab: int, seed: int, tokeni
             "You are a helpful assistant for a hardware store. Answer briefly, politely, and only "
             "about the store's products, opening hours, delivery and returns. " * 4
         )["input_ids"]
-        topics = ["drills", "paint", "ladders", "delivery", "returns", "opening hours", "garden tools", "lamps"]
-        ask = lambda i, t: tokenizer(f"\nUser {i}: what can you tell me about {t}?\nAssistant:", add_special_tokens=False)["input_ids"]  # noqa: E731
+        topics = [
+            "drills",
+            "paint",
+            "ladders",
+            "delivery",
+            "returns",
+            "opening hours",
+            "garden tools",
+            "lamps",
+        ]
+        ask = lambda i, t: tokenizer(
+            f"\nUser {i}: what can you tell me about {t}?\nAssistant:", add_special_tokens=False
+        )["input_ids"]
         first = [ask(i, rng.choice(topics)) for i in range(num_users)]
         second = [ask(i, rng.choice(topics)) for i in range(num_users)]
         return list(system), first, second
     special = 8  # keep the lowest ids (pad, bos, eos-like) out of the text
-    text = lambda n: [rng.randrange(special, vocab) for _ in range(n)]  # noqa: E731
+    text = lambda n: [rng.randrange(special, vocab) for _ in range(n)]
     system = text(system_len)
     first = [text(rng.randint(12, 48)) for _ in range(num_users)]
     second = [text(rng.randint(12, 48)) for _ in range(num_users)]
     return system, first, second
 
 
-def run_chat(engine, system, first, second, params, use_tqdm: bool = True, arrivals_per_step: int = 4):
+def run_chat(
+    engine, system, first, second, params, use_tqdm: bool = True, arrivals_per_step: int = 4
+):
     """Serves turn 1 of every user (arrivals_per_step new users per engine step), and each user's
     turn 2 as soon as their turn 1 finishes.
     Turn 2 continues the first sample. Returns {(user, turn): RequestOutput}."""
@@ -74,7 +87,7 @@ def run_chat(engine, system, first, second, params, use_tqdm: bool = True, arriv
     arrivals = list(enumerate(first))
     # Every 4th user asks for two alternative replies (n = 2: forked blocks, copy-on-write).
     params_n2 = dataclasses.replace(params, n=2)
-    params_for = lambda u: params_n2 if u % 4 == 3 else params  # noqa: E731
+    params_for = lambda u: params_n2 if u % 4 == 3 else params
     bar = _progress_bar(2 * len(first), use_tqdm)
     while arrivals or engine.has_unfinished():
         # Users arrive a few per step: the first one's prefill puts the system prompt in the prefix
@@ -94,7 +107,9 @@ def run_chat(engine, system, first, second, params, use_tqdm: bool = True, arriv
                 bar.update(1)
             if key[1] == 1 and out.error is None:
                 prompts[(key[0], 2)] = prompts[key] + out.outputs[0].token_ids + second[key[0]]
-                engine.add_request(prompts[(key[0], 2)], params_for(key[0]), request_id=f"user{key[0]}-turn2")
+                engine.add_request(
+                    prompts[(key[0], 2)], params_for(key[0]), request_id=f"user{key[0]}-turn2"
+                )
     if bar is not None:
         bar.close()
     engine.metrics().end = time.perf_counter()
@@ -112,7 +127,12 @@ def plot_memory(metrics, path: str, title: str) -> None:
     unshared = [b * mib for b in metrics.blocks_unshared]
     shared = [b * mib for b in metrics.blocks_in_use]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(metrics.t, contiguous, label="contiguous reservation (prompt + max_new_tokens per sample)", color="tab:red")
+    ax.plot(
+        metrics.t,
+        contiguous,
+        label="contiguous reservation (prompt + max_new_tokens per sample)",
+        color="tab:red",
+    )
     ax.plot(metrics.t, unshared, label="paged, no sharing", color="tab:orange", linestyle="--")
     ax.plot(metrics.t, shared, label="kv_paged: paged + shared (blocks in use)", color="tab:blue")
     ax.axhline(metrics.num_blocks * mib, color="gray", linestyle=":", label="KV pool")
@@ -128,21 +148,38 @@ def plot_memory(metrics, path: str, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kv_paged demo", description=__doc__)
-    parser.add_argument("--model", default=None, help="local HF checkpoint directory (default: embedded random-weight Llama)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local HF checkpoint directory (default: embedded random-weight Llama)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
     parser.add_argument("--users", type=int, default=32)
-    parser.add_argument("--system-len", type=int, default=160, help="system prompt tokens (embedded model)")
+    parser.add_argument(
+        "--system-len", type=int, default=160, help="system prompt tokens (embedded model)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--num-blocks", type=int, default=512)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/demo_kv_memory.png", help="where the PNG goes")
+    parser.add_argument(
+        "--out", default="benchmarks/results/demo_kv_memory.png", help="where the PNG goes"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    )
 
     import kv_paged
     from kv_paged.engine import Engine
@@ -163,14 +200,24 @@ def main(argv: list[str] | None = None) -> int:
         name = "embedded random-weight Llama"
     vocab = model.config.get_text_config().vocab_size
     nparams = sum(p.numel() for p in model.parameters())
-    print(f"kv_paged {kv_paged.__version__} demo: {name} ({nparams / 1e6:.1f}M parameters, {dtype}, {args.device})")
+    print(
+        f"kv_paged {kv_paged.__version__} demo: {name} ({nparams / 1e6:.1f}M parameters, {dtype}, {args.device})"
+    )
 
     system, first, second = chat_workload(args.users, args.system_len, vocab, args.seed, tokenizer)
     # Replies end at one of 1/32 of the vocabulary (a long-tailed length, like real chat) or at
     # max_new_tokens; a real checkpoint stops at its own eos instead.
     stop = None if tokenizer is not None else list(range(8, vocab, 32))
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95, seed=args.seed, stop_token_ids=stop)
-    engine = Engine(model, num_blocks=args.num_blocks, block_size=args.block_size, tokenizer=tokenizer)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.8,
+        top_p=0.95,
+        seed=args.seed,
+        stop_token_ids=stop,
+    )
+    engine = Engine(
+        model, num_blocks=args.num_blocks, block_size=args.block_size, tokenizer=tokenizer
+    )
     print(
         f"workload: {args.users} users x 2 turns, shared system prompt of {len(system)} tokens, "
         f"max_new_tokens {args.max_new_tokens}; KV pool {engine.num_blocks} blocks of {args.block_size} tokens"

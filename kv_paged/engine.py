@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Sequence as Seq
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from kv_paged.block_manager import BlockManager
 from kv_paged.metrics import EngineMetrics
 from kv_paged.model_runner import ModelRunner, kv_bytes_per_block
 from kv_paged.sampling import SamplingParams, make_generator, sample
-from kv_paged.scheduler import Request, ScheduledBatch, Scheduler, Sequence, SeqStatus
+from kv_paged.scheduler import Request, ScheduledBatch, Scheduler, SeqStatus, Sequence
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30  # 1 GiB of KV pool on CPU unless kv_memory says otherwise
 CUDA_FREE_MEMORY_FRACTION = 0.7  # of the free device memory after the model is loaded
@@ -79,8 +80,14 @@ class Engine:
         for name, value, low in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Engine: {name} must be an int >= {low}, got {value!r}")
-        for name, value in (("num_blocks", num_blocks), ("max_num_batched_tokens", max_num_batched_tokens), ("kv_memory", kv_memory)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        for name, value in (
+            ("num_blocks", num_blocks),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("kv_memory", kv_memory),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise ValueError(f"Engine: {name} must be None or an int >= 1, got {value!r}")
         if num_blocks is not None and kv_memory is not None:
             raise ValueError("Engine: pass num_blocks or kv_memory, not both")
@@ -89,7 +96,11 @@ class Engine:
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = (
+            model.config.get_text_config()
+            if hasattr(model.config, "get_text_config")
+            else model.config
+        )
         self.max_model_len = int(getattr(config, "max_position_embeddings", 1 << 30))
         self.block_size = block_size
         self.bytes_per_block = kv_bytes_per_block(model, block_size)
@@ -98,17 +109,25 @@ class Engine:
             cap = max_num_seqs * -(-min(self.max_model_len, 1 << 20) // block_size)
             num_blocks = max(1, min(budget // self.bytes_per_block, cap))
         self.num_blocks = num_blocks
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, block_size, enable_prefix_caching=enable_prefix_caching
+        )
         self.runner = ModelRunner(model, num_blocks, block_size)
         self.scheduler = Scheduler(
-            self.block_manager, max_num_seqs, max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+            self.block_manager,
+            max_num_seqs,
+            max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
         )
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.eos_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        self.eos_token_ids: tuple[int, ...] = (
+            tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        )
         self.vocab_size = int(getattr(config, "vocab_size", 0)) or None
 
         self._requests: dict[str, Request] = {}
-        self._pending_outputs: list[Request] = []  # requests refused at add_request, reported next step
+        self._pending_outputs: list[
+            Request
+        ] = []  # requests refused at add_request, reported next step
         self._emitted: dict[int, int] = {}  # seq_id -> output tokens already streamed
         self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
@@ -123,24 +142,40 @@ class Engine:
         return DEFAULT_CPU_KV_MEMORY
 
     def add_request(
-        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> str:
         """Queues a request; returns its id. A request that can never fit is reported by the next
         step() as finished with `error` set (the others are unaffected)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"add_request: params must be SamplingParams, got {type(params).__name__}")
+            raise TypeError(
+                f"add_request: params must be SamplingParams, got {type(params).__name__}"
+            )
         token_ids = self._encode(prompt)
         request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"add_request: request_id {request_id!r} is already in use")
         if self._metrics is None or not self.has_unfinished():
             self.reset_metrics()
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 1 << 62, (1,)).item())
-        req = Request(request_id, token_ids, params, seed, arrival=len(self._requests), stop_ids=params.stop_set(self.eos_token_ids))
+        seed = (
+            params.seed if params.seed is not None else int(torch.randint(0, 1 << 62, (1,)).item())
+        )
+        req = Request(
+            request_id,
+            token_ids,
+            params,
+            seed,
+            arrival=len(self._requests),
+            stop_ids=params.stop_set(self.eos_token_ids),
+        )
         req.forked = params.n == 1
         for i in range(params.n):
-            req.seqs.append(Sequence(next(self._seq_ids), req, i, list(token_ids), make_generator(seed, i)))
+            req.seqs.append(
+                Sequence(next(self._seq_ids), req, i, list(token_ids), make_generator(seed, i))
+            )
         self._requests[request_id] = req
         self._metrics.num_requests += 1
         req.error = self._why_impossible(req)
@@ -189,13 +224,17 @@ class Engine:
         """Generates every prompt to completion; outputs in prompt order. Metrics: self.metrics()."""
         prompts = list(prompts)
         if isinstance(prompts and prompts[0], int):
-            raise TypeError("generate: prompts must be a list of prompts (token-id lists or strings), not one token list")
+            raise TypeError(
+                "generate: prompts must be a list of prompts (token-id lists or strings), not one token list"
+            )
         if params is None or isinstance(params, SamplingParams):
             params_list = [params] * len(prompts)
         else:
             params_list = list(params)
             if len(params_list) != len(prompts):
-                raise ValueError(f"generate: {len(params_list)} SamplingParams for {len(prompts)} prompts")
+                raise ValueError(
+                    f"generate: {len(params_list)} SamplingParams for {len(prompts)} prompts"
+                )
         self.reset_metrics()
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         wanted = set(ids)
@@ -210,7 +249,10 @@ class Engine:
             if bar is not None:
                 m = self._metrics
                 elapsed = max(time.perf_counter() - m.start, 1e-9)
-                bar.set_postfix_str(f"prefill {m.prefill_tokens / elapsed:,.0f} tok/s, decode {m.decode_tokens / elapsed:,.0f} tok/s", refresh=False)
+                bar.set_postfix_str(
+                    f"prefill {m.prefill_tokens / elapsed:,.0f} tok/s, decode {m.decode_tokens / elapsed:,.0f} tok/s",
+                    refresh=False,
+                )
         if bar is not None:
             bar.close()
         self._metrics.end = time.perf_counter()
@@ -229,25 +271,39 @@ class Engine:
         """Starts a new metrics run (generate() does this itself)."""
         self._prefix_base = (self.scheduler.prefix_queried_tokens, self.scheduler.prefix_hit_tokens)
         self._metrics = EngineMetrics(
-            num_blocks=self.num_blocks, block_size=self.block_size, bytes_per_block=self.bytes_per_block, start=time.perf_counter()
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            bytes_per_block=self.bytes_per_block,
+            start=time.perf_counter(),
         )
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise TypeError("add_request: prompt is a string but the Engine has no tokenizer; pass token ids or Engine(..., tokenizer=...)")
+                raise TypeError(
+                    "add_request: prompt is a string but the Engine has no tokenizer; pass token ids or Engine(..., tokenizer=...)"
+                )
             token_ids = list(self.tokenizer(prompt)["input_ids"])
         elif isinstance(prompt, torch.Tensor):
             if prompt.dim() != 1:
-                raise ValueError(f"add_request: a tensor prompt must be 1-D token ids, got shape {tuple(prompt.shape)}")
+                raise ValueError(
+                    f"add_request: a tensor prompt must be 1-D token ids, got shape {tuple(prompt.shape)}"
+                )
             token_ids = [int(t) for t in prompt.tolist()]
         else:
             token_ids = list(prompt)
         if not token_ids:
             raise ValueError("add_request: prompt is empty (at least one token is needed)")
         for t in token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (self.vocab_size is not None and t >= self.vocab_size):
-                raise ValueError(f"add_request: prompt token {t!r} is not an int in [0, vocab_size={self.vocab_size})")
+            if (
+                isinstance(t, bool)
+                or not isinstance(t, int)
+                or t < 0
+                or (self.vocab_size is not None and t >= self.vocab_size)
+            ):
+                raise ValueError(
+                    f"add_request: prompt token {t!r} is not an int in [0, vocab_size={self.vocab_size})"
+                )
         return token_ids
 
     def _why_impossible(self, req: Request) -> str | None:
@@ -294,7 +350,15 @@ class Engine:
             group = req.seqs if not req.forked else [seq]
             row_index += [r] * len(group)
             row_seqs += group
-        tokens = sample(logits[row_index], [s.request.params for s in row_seqs], [s.generator for s in row_seqs]) if row_seqs else []
+        tokens = (
+            sample(
+                logits[row_index],
+                [s.request.params for s in row_seqs],
+                [s.generator for s in row_seqs],
+            )
+            if row_seqs
+            else []
+        )
 
         # Fork before any sample can finish (and free) its parent: children share every block.
         for seq in row_seqs:
@@ -334,7 +398,10 @@ class Engine:
             t=t1 - m.start,
             blocks_in_use=self.block_manager.stats()["blocks_in_use"],
             blocks_unshared=sum(-(-s.num_in_manager // bs) for s in running),
-            contiguous_tokens=sum(min(s.prompt_len + s.request.params.max_new_tokens, self.max_model_len) for s in running),
+            contiguous_tokens=sum(
+                min(s.prompt_len + s.request.params.max_new_tokens, self.max_model_len)
+                for s in running
+            ),
         )
         return list(touched.values())
 
@@ -345,13 +412,28 @@ class Engine:
                 toks = seq.output_token_ids
                 done = self._emitted.get(seq.seq_id, 0)
                 self._emitted[seq.seq_id] = len(toks)
-                text = self.tokenizer.decode(toks, skip_special_tokens=True) if self.tokenizer is not None else None
-                outs.append(CompletionOutput(seq.index, list(toks), list(toks[done:]), seq.finish_reason, text))
+                text = (
+                    self.tokenizer.decode(toks, skip_special_tokens=True)
+                    if self.tokenizer is not None
+                    else None
+                )
+                outs.append(
+                    CompletionOutput(
+                        seq.index, list(toks), list(toks[done:]), seq.finish_reason, text
+                    )
+                )
         if req.finished:
             for seq in req.seqs:
                 self._emitted.pop(seq.seq_id, None)
             self._metrics.num_finished += 1
-        return RequestOutput(req.request_id, list(req.prompt_token_ids), outs, req.finished, req.error, req.num_cached_tokens)
+        return RequestOutput(
+            req.request_id,
+            list(req.prompt_token_ids),
+            outs,
+            req.finished,
+            req.error,
+            req.num_cached_tokens,
+        )
 
 
 def _progress_bar(total: int, enabled: bool):

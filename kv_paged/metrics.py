@@ -36,9 +36,13 @@ class EngineMetrics:
     blocks_unshared: list[int] = field(default_factory=list)
     contiguous_tokens: list[int] = field(default_factory=list)
 
-    def record(self, t: float, blocks_in_use: int, blocks_unshared: int, contiguous_tokens: int) -> None:
+    def record(
+        self, t: float, blocks_in_use: int, blocks_unshared: int, contiguous_tokens: int
+    ) -> None:
         if blocks_in_use > self.num_blocks:
-            raise AssertionError(f"blocks in use {blocks_in_use} exceed the pool of {self.num_blocks}")
+            raise AssertionError(
+                f"blocks in use {blocks_in_use} exceed the pool of {self.num_blocks}"
+            )
         self.t.append(t)
         self.blocks_in_use.append(blocks_in_use)
         self.blocks_unshared.append(blocks_unshared)
@@ -46,13 +50,17 @@ class EngineMetrics:
 
     @property
     def elapsed(self) -> float:
-        return max((self.end if self.end is not None else (self.start + (self.t[-1] if self.t else 0.0))) - self.start, 1e-9)
+        return max(
+            (self.end if self.end is not None else (self.start + (self.t[-1] if self.t else 0.0)))
+            - self.start,
+            1e-9,
+        )
 
     def summary(self) -> dict[str, float]:
         peak = max(self.blocks_in_use, default=0)
         peak_unshared = max(self.blocks_unshared, default=0)
         peak_contig = max(self.contiguous_tokens, default=0) / self.block_size
-        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
         return {
             "requests": self.num_finished,
             "steps": self.steps,
@@ -67,7 +75,9 @@ class EngineMetrics:
             "peak_blocks_contiguous": peak_contig,
             "mean_blocks_paged_shared": mean(self.blocks_in_use),
             "mean_blocks_contiguous": mean(self.contiguous_tokens) / self.block_size,
-            "prefix_hit_rate": self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0,
+            "prefix_hit_rate": self.prefix_hit_tokens / self.prefix_queried_tokens
+            if self.prefix_queried_tokens
+            else 0.0,
             "preemptions": self.preemptions,
             "forks": self.forks,
             "cow_copies": self.cow_copies,
@@ -76,7 +86,11 @@ class EngineMetrics:
     def table(self) -> str:
         s = self.summary()
         mib = self.bytes_per_block / 2**20
-        saved = 1 - s["mean_blocks_paged_shared"] / s["mean_blocks_contiguous"] if s["mean_blocks_contiguous"] else 0.0
+        saved = (
+            1 - s["mean_blocks_paged_shared"] / s["mean_blocks_contiguous"]
+            if s["mean_blocks_contiguous"]
+            else 0.0
+        )
         rows = [
             ("requests finished", f"{s['requests']}"),
             ("engine steps (forwards)", f"{s['steps']}"),
@@ -85,12 +99,24 @@ class EngineMetrics:
             ("tokens generated", f"{s['generated_tokens']:,}"),
             ("prefill throughput", f"{s['prefill_tok_per_s']:,.0f} tok/s"),
             ("decode throughput", f"{s['decode_tok_per_s']:,.0f} tok/s"),
-            ("KV pool", f"{self.num_blocks} blocks x {self.block_size} tokens ({self.num_blocks * mib:,.1f} MiB)"),
-            ("peak KV blocks: paged + shared", f"{s['peak_blocks_paged_shared']} ({s['peak_blocks_paged_shared'] * mib:,.1f} MiB)"),
+            (
+                "KV pool",
+                f"{self.num_blocks} blocks x {self.block_size} tokens ({self.num_blocks * mib:,.1f} MiB)",
+            ),
+            (
+                "peak KV blocks: paged + shared",
+                f"{s['peak_blocks_paged_shared']} ({s['peak_blocks_paged_shared'] * mib:,.1f} MiB)",
+            ),
             ("peak KV blocks: paged, no sharing", f"{s['peak_blocks_paged_unshared']}"),
-            ("peak KV: contiguous reservation", f"{s['peak_blocks_contiguous']:,.1f} block-equivalents ({s['peak_blocks_contiguous'] * mib:,.1f} MiB)"),
+            (
+                "peak KV: contiguous reservation",
+                f"{s['peak_blocks_contiguous']:,.1f} block-equivalents ({s['peak_blocks_contiguous'] * mib:,.1f} MiB)",
+            ),
             ("mean KV saved vs contiguous", f"{100 * saved:.1f}%"),
-            ("prefix-cache hit rate", f"{100 * s['prefix_hit_rate']:.1f}% of {self.prefix_queried_tokens:,} admitted tokens"),
+            (
+                "prefix-cache hit rate",
+                f"{100 * s['prefix_hit_rate']:.1f}% of {self.prefix_queried_tokens:,} admitted tokens",
+            ),
             ("preemptions", f"{s['preemptions']}"),
             ("forks (n > 1)", f"{s['forks']}"),
             ("copy-on-write block copies", f"{s['cow_copies']}"),

@@ -21,7 +21,12 @@ def kv_bytes_per_block(model, block_size: int) -> int:
 
     spec = hf.kv_cache_spec(model)
     itemsize = torch.empty((), dtype=spec["dtype"]).element_size()
-    return 2 * block_size * itemsize * sum(h * d for h, d in zip(spec["num_kv_heads"], spec["head_dim"]))
+    return (
+        2
+        * block_size
+        * itemsize
+        * sum(h * d for h, d in zip(spec["num_kv_heads"], spec["head_dim"]))
+    )
 
 
 class ModelRunner:
@@ -71,18 +76,28 @@ class ModelRunner:
         ids = [t for c in token_chunks for t in c]
         pos = [p for s, q in zip(starts, q_lens) for p in range(s, s + q)]
         meta = AttentionMetadata.build(
-            query_lens=q_lens, kv_lens=kv_lens, block_tables=block_tables, slot_mapping=slot_mapping, device=self.device
+            query_lens=q_lens,
+            kv_lens=kv_lens,
+            block_tables=block_tables,
+            slot_mapping=slot_mapping,
+            device=self.device,
         )
         cu = [0]
         for q in q_lens:
             cu.append(cu[-1] + q)
-        last = torch.tensor([cu[i + 1] - 1 for i in sampling_rows], dtype=torch.int64, device=self.device)
+        last = torch.tensor(
+            [cu[i + 1] - 1 for i in sampling_rows], dtype=torch.int64, device=self.device
+        )
         input_ids = torch.tensor([ids], dtype=torch.int64, device=self.device)  # [1, T]
         position_ids = torch.tensor([pos], dtype=torch.int64, device=self.device)  # [1, T]
         self.cache.set_step(meta)
         try:
             out = self.model(
-                input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=last
+                input_ids=input_ids,
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=last,
             )
         finally:
             self.cache.set_step(None)

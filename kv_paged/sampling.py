@@ -42,21 +42,37 @@ class SamplingParams:
     _stop_set: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams: max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
+            raise ValueError(
+                f"SamplingParams: max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"
+            )
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0.0:
-            raise ValueError(f"SamplingParams: temperature must be a number >= 0, got {self.temperature!r}")
+            raise ValueError(
+                f"SamplingParams: temperature must be a number >= 0, got {self.temperature!r}"
+            )
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams: top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
-            raise ValueError(f"SamplingParams: top_k must be None or an int >= 0, got {self.top_k!r}")
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0
+        ):
+            raise ValueError(
+                f"SamplingParams: top_k must be None or an int >= 0, got {self.top_k!r}"
+            )
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"SamplingParams: n must be an int >= 1, got {self.n!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise ValueError(f"SamplingParams: seed must be None or an int, got {self.seed!r}")
         stops = list(self.stop_token_ids or [])
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stops):
-            raise ValueError(f"SamplingParams: stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+            raise ValueError(
+                f"SamplingParams: stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}"
+            )
         self._stop_set = frozenset(stops)
 
     @property

@@ -39,7 +39,9 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or (self.forked and all(s.status is SeqStatus.FINISHED for s in self.seqs))
+        return self.error is not None or (
+            self.forked and all(s.status is SeqStatus.FINISHED for s in self.seqs)
+        )
 
 
 @dataclass(eq=False)
@@ -66,7 +68,10 @@ class Sequence:
     @property
     def is_decode(self) -> bool:
         """The newest token (sampled last step) is the only one left; it has no slot yet."""
-        return self.num_in_manager == len(self.token_ids) - 1 and self.num_computed == self.num_in_manager
+        return (
+            self.num_in_manager == len(self.token_ids) - 1
+            and self.num_computed == self.num_in_manager
+        )
 
 
 @dataclass
@@ -84,7 +89,9 @@ class ScheduledSeq:
 @dataclass
 class ScheduledBatch:
     entries: list[ScheduledSeq]
-    copies: torch.Tensor  # int64 [n, 2] copy-on-write (src, dst) block pairs to apply before the forward
+    copies: (
+        torch.Tensor
+    )  # int64 [n, 2] copy-on-write (src, dst) block pairs to apply before the forward
     num_prefill_tokens: int
     num_decode_tokens: int
     preempted: list[Sequence]
@@ -93,7 +100,9 @@ class ScheduledBatch:
 class Scheduler:
     """Admits, chunks and preempts sequences; the Engine runs the forward and samples."""
 
-    def __init__(self, block_manager, max_num_seqs: int, max_num_batched_tokens: int, watermark: float = 0.01):
+    def __init__(
+        self, block_manager, max_num_seqs: int, max_num_batched_tokens: int, watermark: float = 0.01
+    ):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -151,7 +160,9 @@ class Scheduler:
             if seq.is_decode:
                 while not self.bm.can_append(seq.seq_id):
                     victim = self.running[-1]
-                    assert victim.seq_id not in scheduled, "victims are younger than every scheduled sequence"
+                    assert victim.seq_id not in scheduled, (
+                        "victims are younger than every scheduled sequence"
+                    )
                     self._preempt(victim)
                     preempted.append(victim)
                     if victim is seq:
@@ -161,13 +172,22 @@ class Scheduler:
                 slot = self.bm.append_slot(seq.seq_id, seq.token_ids[-1])
                 seq.num_in_manager += 1
                 pos = len(seq.token_ids) - 1
-                entries.append(ScheduledSeq(seq, pos, pos + 1, torch.tensor([slot], dtype=torch.int64)))
+                entries.append(
+                    ScheduledSeq(seq, pos, pos + 1, torch.tensor([slot], dtype=torch.int64))
+                )
                 decode += 1
                 budget -= 1
             else:
                 chunk = min(len(seq.token_ids) - seq.num_computed, budget)
                 start = seq.num_computed
-                entries.append(ScheduledSeq(seq, start, start + chunk, self.bm.slot_mapping(seq.seq_id, start, start + chunk)))
+                entries.append(
+                    ScheduledSeq(
+                        seq,
+                        start,
+                        start + chunk,
+                        self.bm.slot_mapping(seq.seq_id, start, start + chunk),
+                    )
+                )
                 prefill += chunk
                 budget -= chunk
             scheduled.add(seq.seq_id)
@@ -197,7 +217,14 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             chunk = min(num_tokens - cached, budget)
-            entries.append(ScheduledSeq(seq, cached, cached + chunk, self.bm.slot_mapping(seq.seq_id, cached, cached + chunk)))
+            entries.append(
+                ScheduledSeq(
+                    seq,
+                    cached,
+                    cached + chunk,
+                    self.bm.slot_mapping(seq.seq_id, cached, cached + chunk),
+                )
+            )
             prefill += chunk
             budget -= chunk
 

@@ -15,9 +15,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import kv_paged  # noqa: E402
-from kv_paged.engine import Engine  # noqa: E402
-from kv_paged.sampling import SamplingParams  # noqa: E402
+from kv_paged.engine import Engine
+from kv_paged.sampling import SamplingParams
 
 BLOCK_SIZE = 8
 VOCAB = 96
@@ -67,7 +66,14 @@ def prompts(seed: int, lens=PROMPT_LENS) -> list[list[int]]:
 def hf_greedy(eager, prompt: list[int], max_new: int) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = eager.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = eager.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     return out[0, len(prompt) :].tolist()
 
 
@@ -97,7 +103,10 @@ def test_greedy_equals_hf_generate_eager(model, eager):
 
 def test_tiny_pool_preempts_and_matches_large_pool(model):
     ps = prompts(2)
-    params = [SamplingParams(max_new_tokens=MAX_NEW + i, temperature=1.0, top_k=20, seed=100 + i) for i in range(len(ps))]
+    params = [
+        SamplingParams(max_new_tokens=MAX_NEW + i, temperature=1.0, top_k=20, seed=100 + i)
+        for i in range(len(ps))
+    ]
     big = Engine(model, num_blocks=128, block_size=BLOCK_SIZE)
     ref = big.generate(ps, params, use_tqdm=False)
     assert big.metrics().preemptions == 0
@@ -164,7 +173,9 @@ def test_parallel_sampling_shares_prompt_blocks(model):
     check_freed(engine)
     # The same request in a fresh engine gives the same samples (seeded per sample, not per batch).
     again = Engine(model, num_blocks=64, block_size=BLOCK_SIZE).generate(
-        [prompt, prompts(6, [13])[0]], SamplingParams(max_new_tokens=6, temperature=1.0, n=n, seed=7), use_tqdm=False
+        [prompt, prompts(6, [13])[0]],
+        SamplingParams(max_new_tokens=6, temperature=1.0, n=n, seed=7),
+        use_tqdm=False,
     )[0]
     assert [c.token_ids for c in again.outputs] == samples
 
@@ -218,7 +229,9 @@ def test_abort_frees_and_reports(model):
     finished = {}
     while engine.has_unfinished():
         finished.update({o.request_id: o for o in engine.step() if o.finished})
-    assert finished[gone].finished and {c.finish_reason for c in finished[gone].outputs} == {"abort"}
+    assert finished[gone].finished and {c.finish_reason for c in finished[gone].outputs} == {
+        "abort"
+    }
     assert len(finished[keep].token_ids) == 8
     check_freed(engine)
 
@@ -232,7 +245,10 @@ def test_metrics_add_up(model):
     assert s["requests"] == len(ps)
     assert m.generated_tokens == sum(len(o.token_ids) for o in outs)
     # Every token fed to the model is a prefill token or a decode row; recomputes add prefill.
-    assert m.prefill_tokens + m.decode_tokens >= sum(map(len, ps)) + m.generated_tokens - len(ps) - m.prefix_hit_tokens
+    assert (
+        m.prefill_tokens + m.decode_tokens
+        >= sum(map(len, ps)) + m.generated_tokens - len(ps) - m.prefix_hit_tokens
+    )
     assert m.decode_tokens == m.generated_tokens - len(ps)
     assert max(m.blocks_in_use) <= engine.num_blocks
     assert all(u >= 0 for u in m.blocks_in_use) and len(m.t) == m.steps
@@ -256,7 +272,14 @@ def test_bad_arguments_raise_clearly(model):
     engine.add_request([1, 2], request_id="x")
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request([1, 2], request_id="x")
-    for kw in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(n=0), dict(top_k=-2), dict(stop_token_ids=[-1])):
+    for kw in (
+        dict(max_new_tokens=0),
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(n=0),
+        dict(top_k=-2),
+        dict(stop_token_ids=[-1]),
+    ):
         with pytest.raises(ValueError, match=next(iter(kw))):
             SamplingParams(**kw)
     while engine.has_unfinished():

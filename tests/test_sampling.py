@@ -51,15 +51,30 @@ def test_sampled_frequencies_match_reference(params):
 def test_rows_are_independent_of_the_batch():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, VOCAB, generator=g)
-    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in
-              [(0.0, None, 1.0), (1.0, 7, 0.9), (0.7, None, 0.3), (1.0, None, 1.0), (0.0, 3, 0.5), (2.0, 2, 1.0)]]
+    params = [
+        SamplingParams(temperature=t, top_k=k, top_p=p)
+        for t, k, p in [
+            (0.0, None, 1.0),
+            (1.0, 7, 0.9),
+            (0.7, None, 0.3),
+            (1.0, None, 1.0),
+            (0.0, 3, 0.5),
+            (2.0, 2, 1.0),
+        ]
+    ]
     together = sample(logits, params, [make_generator(9, i) for i in range(6)])
     alone = [sample(logits[i : i + 1], [params[i]], [make_generator(9, i)])[0] for i in range(6)]
     assert together == alone
     assert together[0] == int(logits[0].argmax()) and together[4] == int(logits[4].argmax())
     # top_k=1 and a tiny top_p are greedy whatever the temperature.
-    for p in (SamplingParams(temperature=5.0, top_k=1), SamplingParams(temperature=5.0, top_p=1e-6)):
-        assert sample(logits, [p] * 6, [make_generator(0, i) for i in range(6)]) == logits.argmax(-1).tolist()
+    for p in (
+        SamplingParams(temperature=5.0, top_k=1),
+        SamplingParams(temperature=5.0, top_p=1e-6),
+    ):
+        assert (
+            sample(logits, [p] * 6, [make_generator(0, i) for i in range(6)])
+            == logits.argmax(-1).tolist()
+        )
 
 
 def test_bad_input():
