@@ -292,3 +292,23 @@ def test_kv_memory_sizes_the_pool(model):
     # 2 layers x (K + V) x 8 tokens x 2 kv heads x 16 dims x 4 bytes = 4 KiB per block.
     assert engine.bytes_per_block == 2 * 2 * BLOCK_SIZE * 2 * 16 * 4
     assert engine.num_blocks == 10
+
+
+class CharTokenizer:
+    """A stand-in for a transformers tokenizer: one token per character (ids 1..VOCAB-1)."""
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [1 + ord(c) % (VOCAB - 1) for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(0x41 + i % 26) for i in ids)
+
+
+def test_string_prompts_with_a_tokenizer(model, eager):
+    tok = CharTokenizer()
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE, tokenizer=tok)
+    out = engine.generate(["hello paged world"], greedy(), use_tqdm=False)[0]
+    ids = tok("hello paged world")["input_ids"]
+    assert out.prompt_token_ids == ids
+    assert out.token_ids == hf_greedy(eager, ids, MAX_NEW)
+    assert out.outputs[0].text == tok.decode(out.token_ids)
