@@ -64,7 +64,11 @@ def waste_contiguous(reqs, max_len):
             if step < o:  # at this step the request holds p + step + 1 tokens
                 n = p + step + 1
                 final = p + o
-                for k, r in (("max", max_len), ("pow2", 1 << (final - 1).bit_length()), ("oracle", final)):
+                for k, r in (
+                    ("max", max_len),
+                    ("pow2", 1 << (final - 1).bit_length()),
+                    ("oracle", final),
+                ):
                     used[k] += n
                     reserved[k] += r
     return {k: 1 - used[k] / reserved[k] for k in used}
@@ -97,8 +101,10 @@ def shared_prompt_blocks(args, system_len, rng_seed, enable_prefix_caching):
     rng = random.Random(rng_seed)
     system = tokens(rng, system_len)
     reqs = [
-        (tokens(rng, lognormal_int(rng, args.user_mean, args.sigma, 1, 1024)),
-         lognormal_int(rng, args.shared_output_mean, args.sigma, 1, 1024))
+        (
+            tokens(rng, lognormal_int(rng, args.user_mean, args.sigma, 1, 1024)),
+            lognormal_int(rng, args.shared_output_mean, args.sigma, 1, 1024),
+        )
         for _ in range(args.shared_requests)
     ]
     bs = args.block_size
@@ -178,7 +184,10 @@ def beam_search(args, width, reqs, rng):
                     bm.free(b)
                 continue
             # Each new beam extends a parent; beams nobody picks die.
-            parents = [beams[0] if rng.random() < args.beam_best_prob else rng.choice(beams) for _ in range(width)]
+            parents = [
+                beams[0] if rng.random() < args.beam_best_prob else rng.choice(beams)
+                for _ in range(width)
+            ]
             children = []
             for parent in parents:
                 bm.fork(parent, next_id)
@@ -239,7 +248,9 @@ def main() -> None:
 
     # (a)
     rng = random.Random(args.seed)
-    reqs = make_requests(rng, args.batch, args.prompt_mean, args.output_mean, args.sigma, args.max_len)
+    reqs = make_requests(
+        rng, args.batch, args.prompt_mean, args.output_mean, args.sigma, args.max_len
+    )
     mean_p = sum(p for p, _ in reqs) / len(reqs)
     mean_o = sum(o for _, o in reqs) / len(reqs)
     longest = max(p + o for p, o in reqs)
@@ -275,7 +286,7 @@ def main() -> None:
         "|---:|---:|---:|---:|---:|",
     ]
     for system_len in args.system_lens:
-        without, total, _ = shared_prompt_blocks(args, system_len, args.seed, False)
+        without, _, _ = shared_prompt_blocks(args, system_len, args.seed, False)
         with_sharing, _, hits = shared_prompt_blocks(args, system_len, args.seed, True)
         lines.append(
             f"| {system_len} | {without:,} | {with_sharing:,} | {100 * (1 - with_sharing / without):.1f}% "
@@ -331,15 +342,17 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write(text)
     if args.plot:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
 
         labels = ["contiguous\nmax", "contiguous\npow2", "contiguous\noracle"] + [
             f"paged\nbs={bs}" for bs in paged
         ]
-        values = [100 * cont["max"], 100 * cont["pow2"], 100 * cont["oracle"]] + [100 * w for w in paged.values()]
+        values = [100 * cont["max"], 100 * cont["pow2"], 100 * cont["oracle"]] + [
+            100 * w for w in paged.values()
+        ]
         fig, ax = plt.subplots(figsize=(7, 3.5))
         bars = ax.bar(labels, values, color=["#c44"] * 3 + ["#48c"] * len(paged))
         ax.bar_label(bars, fmt="%.1f%%")

@@ -16,8 +16,17 @@ import torch
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "extra_key", "parent", "parent_gen",
-                 "generation", "copy_pending")
+    __slots__ = (
+        "block_id",
+        "copy_pending",
+        "extra_key",
+        "generation",
+        "hash",
+        "parent",
+        "parent_gen",
+        "ref_count",
+        "token_ids",
+    )
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -32,7 +41,7 @@ class Block:
 
 
 class Sequence:
-    __slots__ = ("token_ids", "block_table", "block_hashes", "num_computed", "extra_key")
+    __slots__ = ("block_hashes", "block_table", "extra_key", "num_computed", "token_ids")
 
     def __init__(self, token_ids: list[int], extra_key: str | None):
         self.token_ids = token_ids
@@ -55,7 +64,12 @@ class PyBlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.seqs: dict[int, Sequence] = {}
         self.pending_copies: list[tuple[int, int]] = []
-        self.stats = {"prefix_queried_tokens": 0, "prefix_hit_tokens": 0, "evictions": 0, "cow_copies": 0}
+        self.stats = {
+            "prefix_queried_tokens": 0,
+            "prefix_hit_tokens": 0,
+            "evictions": 0,
+            "cow_copies": 0,
+        }
 
     # ---- blocks ----
     @property
@@ -130,7 +144,8 @@ class PyBlockManager:
             if other is not None:
                 e = self.blocks[other]
                 stale = e.parent != -1 and (
-                    self.blocks[e.parent].hash is None or e.parent_gen != self.blocks[e.parent].generation
+                    self.blocks[e.parent].hash is None
+                    or e.parent_gen != self.blocks[e.parent].generation
                 )
                 if not stale:
                     continue
@@ -225,7 +240,9 @@ class PyBlockManager:
 
     def slot_mapping(self, seq_id: int, start: int, end: int) -> torch.Tensor:
         table, bs = self.seqs[seq_id].block_table, self.block_size
-        return torch.tensor([table[p // bs] * bs + p % bs for p in range(start, end)], dtype=torch.int64)
+        return torch.tensor(
+            [table[p // bs] * bs + p % bs for p in range(start, end)], dtype=torch.int64
+        )
 
     def block_tables(self, seq_ids: list[int]) -> torch.Tensor:
         tables = [self.seqs[s].block_table for s in seq_ids]

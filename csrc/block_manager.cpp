@@ -193,8 +193,9 @@ void BlockManager::register_computed_blocks(Sequence& seq) {
       // Same content in another block, or a live collision: the first registration keeps the
       // slot. Only an entry whose parent left the cache (unreachable) is replaced.
       const Block& e = blocks_[it->second];
-      const bool stale = e.parent != kNoBlock && (!blocks_[e.parent].cached ||
-                                                  e.parent_generation != blocks_[e.parent].generation);
+      const bool stale =
+          e.parent != kNoBlock &&
+          (!blocks_[e.parent].cached || e.parent_generation != blocks_[e.parent].generation);
       if (!stale) continue;
       uncache(it->second);
     }
@@ -234,7 +235,7 @@ const BlockManager::Sequence& BlockManager::seq_or_throw(int64_t seq_id, const c
 
 int64_t BlockManager::append_blocks_needed(const Sequence& seq) const {
   const int64_t len = static_cast<int64_t>(seq.tokens.size());
-  if (len % block_size_ == 0) return 1;                           // the last block is full
+  if (len % block_size_ == 0) return 1;                          // the last block is full
   return blocks_[seq.block_table.back()].ref_count > 1 ? 1 : 0;  // shared: copy-on-write
 }
 
@@ -291,8 +292,8 @@ int64_t BlockManager::allocate(int64_t seq_id, const std::vector<int64_t>& token
   const int64_t new_blocks = ceil_div(len, block_size_) - num_hits;
   const int64_t available = num_free_blocks() - hits_evictable;
   if (new_blocks > available) {
-    throw OutOfBlocksError(cat("allocate: seq_id ", seq_id, " needs ", new_blocks,
-                               " new blocks (", num_hits, " prompt blocks hit the prefix cache) but only ",
+    throw OutOfBlocksError(cat("allocate: seq_id ", seq_id, " needs ", new_blocks, " new blocks (",
+                               num_hits, " prompt blocks hit the prefix cache) but only ",
                                available, " are free or evictable"));
   }
 
@@ -355,13 +356,13 @@ void BlockManager::append_slots(const std::vector<int64_t>& seq_ids,
   // -- validate: ids, tokens, and the exact number of blocks the whole batch takes --
   const size_t n = seq_ids.size();
   if (token_ids.size() != n) {
-    throw std::invalid_argument(cat("append_slots: seq_ids has ", n, " entries but token_ids has ",
-                                    token_ids.size()));
+    throw std::invalid_argument(
+        cat("append_slots: seq_ids has ", n, " entries but token_ids has ", token_ids.size()));
   }
   std::vector<Sequence*>& seqs = batch_seqs_;
   seqs.resize(n);
   std::unordered_map<int32_t, int64_t> cow_share;  // shared partial last block -> batch members
-  const uint64_t stamp = ++batch_stamp_;  // bookkeeping only: no observable state changes
+  const uint64_t stamp = ++batch_stamp_;           // bookkeeping only: no observable state changes
   int64_t needed = 0;
   for (size_t i = 0; i < n; ++i) {
     Sequence& seq = seq_or_throw(seq_ids[i], "append_slots");
@@ -435,7 +436,8 @@ void BlockManager::block_tables(const std::vector<int64_t>& seq_ids, int64_t wid
                                 int32_t* out) const {
   const int64_t needed = max_num_blocks(seq_ids);
   if (width < needed) {
-    throw std::invalid_argument(cat("block_tables: width ", width, " < longest block table ", needed));
+    throw std::invalid_argument(
+        cat("block_tables: width ", width, " < longest block table ", needed));
   }
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     const std::vector<int32_t>& table = seqs_.find(seq_ids[i])->second.block_table;
@@ -527,7 +529,9 @@ std::vector<int32_t> BlockManager::evictable_blocks() const {
 }
 
 void BlockManager::check_invariants() const {
-  auto fail = [](const std::string& msg) { throw std::logic_error("BlockManager invariant: " + msg); };
+  auto fail = [](const std::string& msg) {
+    throw std::logic_error("BlockManager invariant: " + msg);
+  };
   std::vector<int32_t> refs(blocks_.size(), 0);
   for (const auto& [id, seq] : seqs_) {
     const int64_t len = static_cast<int64_t>(seq.tokens.size());
@@ -539,7 +543,8 @@ void BlockManager::check_invariants() const {
   int64_t in_use = 0, free_count = 0, evictable = 0;
   for (size_t b = 0; b < blocks_.size(); ++b) {
     const Block& blk = blocks_[b];
-    if (blk.ref_count != refs[b]) fail(cat("block ", b, " ref_count ", blk.ref_count, " != ", refs[b]));
+    if (blk.ref_count != refs[b])
+      fail(cat("block ", b, " ref_count ", blk.ref_count, " != ", refs[b]));
     if (blk.ref_count > 0 && blk.list != ListId::kNone) fail(cat("in-use block ", b, " is listed"));
     if (blk.ref_count == 0 && !blk.copy_pending) {
       const ListId want = blk.cached ? ListId::kEvictable : ListId::kFree;

@@ -13,8 +13,6 @@ from collections.abc import Sequence
 
 import torch
 
-
-
 __all__ = ["BlockManager"]
 
 
@@ -32,7 +30,9 @@ def _token_list(token_ids: Sequence[int] | torch.Tensor, name: str) -> list[int]
             raise ValueError(f"{name} must hold integer token ids, got a bool tensor")
         return token_ids.tolist()
     if isinstance(token_ids, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence of int token ids, got {type(token_ids).__name__}")
+        raise ValueError(
+            f"{name} must be a sequence of int token ids, got {type(token_ids).__name__}"
+        )
     try:
         out = list(token_ids)
     except TypeError:
@@ -42,7 +42,9 @@ def _token_list(token_ids: Sequence[int] | torch.Tensor, name: str) -> list[int]
     for i, t in enumerate(out):
         if type(t) is not int:
             if isinstance(t, bool) or not hasattr(t, "__index__"):
-                raise ValueError(f"{name}[{i}] must be an int token id, got {type(t).__name__} {t!r}")
+                raise ValueError(
+                    f"{name}[{i}] must be an int token id, got {type(t).__name__} {t!r}"
+                )
             out[i] = t.__index__()  # numpy / torch integer scalars
     return out
 
@@ -86,7 +88,8 @@ class BlockManager:
         s = self.stats()
         return (
             f"BlockManager(num_blocks={self.num_blocks}, block_size={self.block_size}, "
-            f"in_use={s['blocks_in_use']}, free={s['free_blocks']}, evictable={s['evictable_blocks']})"
+            f"in_use={s['blocks_in_use']}, free={s['free_blocks']}, "
+            f"evictable={s['evictable_blocks']})"
         )
 
     # ---- capacity --------------------------------------------------------------------------
@@ -127,7 +130,11 @@ class BlockManager:
         if extra_key is not None and not isinstance(extra_key, str):
             raise ValueError(f"extra_key must be a str or None, got {type(extra_key).__name__}")
         if isinstance(token_ids, torch.Tensor):  # read in C++: no per-element Python
-            if token_ids.dim() != 1 or token_ids.dtype.is_floating_point or token_ids.dtype.is_complex:
+            if (
+                token_ids.dim() != 1
+                or token_ids.dtype.is_floating_point
+                or token_ids.dtype.is_complex
+            ):
                 raise ValueError(
                     f"token_ids must be a 1-D integer tensor, got dtype {token_ids.dtype} "
                     f"shape {tuple(token_ids.shape)}"
@@ -137,9 +144,7 @@ class BlockManager:
             return self._bm.allocate_tensor(seq_id, token_ids, extra_key)
         return self._bm.allocate(seq_id, _token_list(token_ids, "token_ids"), extra_key)
 
-    def mark_computed(
-        self, seq_ids: Sequence[int], num_computed_tokens: Sequence[int]
-    ) -> None:
+    def mark_computed(self, seq_ids: Sequence[int], num_computed_tokens: Sequence[int]) -> None:
         """The KV of each sequence's first ``num_computed_tokens[i]`` tokens is written (e.g.
         after a prefill chunk); its full blocks become matchable by later prompts. Never
         decreases a sequence's computed count."""
@@ -150,7 +155,9 @@ class BlockManager:
     def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
         """``child_seq_id`` shares every block of ``parent_seq_id`` (parallel sampling, beams);
         the first append into a shared partial block copies it."""
-        self._bm.fork(_check_int(parent_seq_id, "parent_seq_id"), _check_int(child_seq_id, "child_seq_id"))
+        self._bm.fork(
+            _check_int(parent_seq_id, "parent_seq_id"), _check_int(child_seq_id, "child_seq_id")
+        )
 
     def free(self, seq_id: int) -> None:
         """Releases the sequence's blocks (tail first). Cached full blocks stay reusable by
@@ -163,9 +170,7 @@ class BlockManager:
         block is shared). Implies every earlier token of the sequence is computed."""
         return self._bm.append_slot(_check_int(seq_id, "seq_id"), _check_int(token_id, "token_id"))
 
-    def append_slots(
-        self, seq_ids: list[int], token_ids: list[int] | torch.Tensor
-    ) -> torch.Tensor:
+    def append_slots(self, seq_ids: list[int], token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """One decode step: appends ``token_ids[i]`` to ``seq_ids[i]`` for every i, all or nothing.
 
         Returns:
@@ -235,7 +240,10 @@ class BlockManager:
 
     def take_copies(self) -> torch.Tensor:
         """Drains the pending copy-on-write pairs, in issue order, for kv_paged.ops.copy_blocks.
-        A source block stays reserved (not reallocated) until drained.
+        A source block stays reserved (not reallocated) until drained, so no pair's dst can
+        overwrite another pair's src. Drain once per step, after the appends and before the
+        forward; a dst becomes a later pair's src only if fork() is called between appends
+        without draining, and then the pairs must be applied in order.
 
         Returns:
             int64 [n, 2] of (src_block, dst_block).

@@ -23,7 +23,14 @@ def snapshot(bm: BlockManager, seq_ids: list[int]) -> tuple:
     lens = tuple(bm.seq_len(s) if bm.has_seq(s) else None for s in seq_ids)
     refs = tuple(bm.ref_count(b) for b in range(bm.num_blocks))
     cached = tuple(bm.is_cached(b) for b in range(bm.num_blocks))
-    return tables, lens, refs, cached, tuple(bm.evictable_blocks()), tuple(sorted(bm.stats().items()))
+    return (
+        tables,
+        lens,
+        refs,
+        cached,
+        tuple(bm.evictable_blocks()),
+        tuple(sorted(bm.stats().items())),
+    )
 
 
 def test_prefix_hit_shares_written_blocks_and_leaves_the_last_token():
@@ -112,7 +119,9 @@ def test_batched_outputs_match_the_per_sequence_api(block_size):
     assert bm.block_tables([]).shape == (0, 0)
     slots, bt2, lens2 = bm.decode_step(ids, [1, 2, 3, 4])
     assert torch.equal(bt2, bm.block_tables(ids)) and torch.equal(lens2, lens + 1)
-    assert slots.tolist() == [bm.slot_mapping(i, bm.seq_len(i) - 1, bm.seq_len(i)).item() for i in ids]
+    assert slots.tolist() == [
+        bm.slot_mapping(i, bm.seq_len(i) - 1, bm.seq_len(i)).item() for i in ids
+    ]
 
 
 BAD_CALLS = [
@@ -129,7 +138,11 @@ BAD_CALLS = [
     ("token >= 2**31", lambda bm: bm.allocate(9, [2**31]), ValueError),
     ("extra_key type", lambda bm: bm.allocate(9, [1], extra_key=3), ValueError),
     ("out of blocks", lambda bm: bm.allocate(9, list(range(200))), RuntimeError),
-    ("out of blocks after hits", lambda bm: bm.allocate(9, list(range(8)) + [0] * 60), RuntimeError),
+    (
+        "out of blocks after hits",
+        lambda bm: bm.allocate(9, list(range(8)) + [0] * 60),
+        RuntimeError,
+    ),
     ("unknown seq in batch", lambda bm: bm.append_slots([1, 99], [1, 1]), ValueError),
     ("duplicate seq in batch", lambda bm: bm.append_slots([1, 1], [1, 1]), ValueError),
     ("length mismatch", lambda bm: bm.append_slots([1, 2], [1]), ValueError),
@@ -214,7 +227,9 @@ def test_random_operations_keep_the_invariants(seed, block_size):
                 if history and rng.random() < 0.6:
                     past = rng.choice(history)
                     prompt = past[: rng.randint(1, len(past))]
-                prompt += [rng.randrange(3) for _ in range(rng.randint(0 if prompt else 1, 3 * block_size))]
+                prompt += [
+                    rng.randrange(3) for _ in range(rng.randint(0 if prompt else 1, 3 * block_size))
+                ]
                 before = snapshot(bm, list(seqs))
                 try:
                     cached = bm.allocate(next_id, prompt)
@@ -245,7 +260,11 @@ def test_random_operations_keep_the_invariants(seed, block_size):
                 if not pending.intersection(bm.slot_mapping(sid, 0, bm.seq_len(sid)).tolist()):
                     bm.mark_computed([sid], [rng.randint(0, bm.seq_len(sid))])
         pending = {s for s, _ in writes}
-        ready = [s for s in seqs if not pending.intersection(bm.slot_mapping(s, 0, bm.seq_len(s)).tolist())]
+        ready = [
+            s
+            for s in seqs
+            if not pending.intersection(bm.slot_mapping(s, 0, bm.seq_len(s)).tolist())
+        ]
         batch = [s for s in ready if rng.random() < 0.7]
         tokens = [rng.randrange(3) for _ in batch]
         before = snapshot(bm, list(seqs))
@@ -260,7 +279,9 @@ def test_random_operations_keep_the_invariants(seed, block_size):
             writes.append((slot, tok))
         # forward: copies first, in order, then the new tokens' KV
         for src, dst in bm.take_copies().tolist():
-            pool[dst * block_size : (dst + 1) * block_size] = pool[src * block_size : (src + 1) * block_size]
+            pool[dst * block_size : (dst + 1) * block_size] = pool[
+                src * block_size : (src + 1) * block_size
+            ]
         for slot, tok in writes:
             pool[slot] = tok
 

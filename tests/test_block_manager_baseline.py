@@ -14,7 +14,9 @@ import torch
 
 from kv_paged import BlockManager
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+)
 from python_block_manager import PyBlockManager  # noqa: E402
 
 
@@ -29,7 +31,11 @@ def test_python_baseline_matches_the_cpp_manager(seed):
     for _ in range(300):
         op = rng.randrange(10) if live else 0
         if op < 4:
-            prompt = list(rng.choice(history)[: rng.randint(1, 12)]) if history and rng.random() < 0.6 else []
+            prompt = (
+                list(rng.choice(history)[: rng.randint(1, 12)])
+                if history and rng.random() < 0.6
+                else []
+            )
             prompt += [rng.randrange(3) for _ in range(rng.randint(0 if prompt else 1, 10))]
             if -(-len(prompt) // block_size) > min(m.num_free_blocks for m in managers):
                 continue

@@ -20,7 +20,8 @@ BLOCK_SIZES = [1, 4, 5]
 
 
 def torch_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping):
-    # key, value: [T, H, D]; k_cache, v_cache: [num_blocks, block_size, H, D]; slot_mapping: int64 [T]
+    # key, value: [T, H, D]; k_cache, v_cache: [num_blocks, block_size, H, D];
+    # slot_mapping: int64 [T], -1 skips the token
     keep = slot_mapping >= 0
     k_cache.view(-1, *k_cache.shape[2:])[slot_mapping[keep]] = key[keep]
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping[keep]] = value[keep]
@@ -35,7 +36,7 @@ def torch_copy_blocks(k_caches, v_caches, block_mapping):
 
 def _ops_backend():
     try:
-        from kv_paged import ops  # noqa: PLC0415
+        from kv_paged import ops
     except ImportError as e:
         pytest.skip(f"kv_paged.ops not available yet: {e}")
     return ops.reshape_and_cache, ops.copy_blocks
@@ -69,7 +70,9 @@ def test_fork_then_decode_never_changes_a_siblings_kv(backend, block_size, num_c
     v_cache = torch.full_like(k_cache, float("nan"))
     bm = BlockManager(num_blocks, block_size)
 
-    prompt = torch.randint(0, 100, (2 * block_size + 2,), generator=gen).tolist()  # partial last block
+    prompt = torch.randint(
+        0, 100, (2 * block_size + 2,), generator=gen
+    ).tolist()  # partial last block
     assert bm.allocate(0, prompt) == 0
     k, v = kv_for(len(prompt), gen)
     reshape_and_cache(k, v, k_cache, v_cache, bm.slot_mapping(0, 0, len(prompt)))
@@ -94,8 +97,12 @@ def test_fork_then_decode_never_changes_a_siblings_kv(backend, block_size, num_c
             dense[sid] = (torch.cat([dk, k_new[i : i + 1]]), torch.cat([dv, v_new[i : i + 1]]))
         for sid in seq_ids:
             sm = bm.slot_mapping(sid, 0, bm.seq_len(sid))
-            assert torch.equal(gather(k_cache, sm), dense[sid][0]), f"seq {sid} K corrupted at step {step}"
-            assert torch.equal(gather(v_cache, sm), dense[sid][1]), f"seq {sid} V corrupted at step {step}"
+            assert torch.equal(gather(k_cache, sm), dense[sid][0]), (
+                f"seq {sid} K corrupted at step {step}"
+            )
+            assert torch.equal(gather(v_cache, sm), dense[sid][1]), (
+                f"seq {sid} V corrupted at step {step}"
+            )
 
     # Only the shared prompt blocks stay shared; every sequence wrote its own tail.
     full_prompt_blocks = len(prompt) // block_size

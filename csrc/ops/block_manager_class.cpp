@@ -33,9 +33,8 @@ struct BlockManagerClass : torch::CustomClassHolder {
 
   int64_t allocate(int64_t seq_id, const std::vector<int64_t>& token_ids,
                    const std::optional<std::string>& extra_key) {
-    return translate_errors([&] {
-      return bm.allocate(seq_id, token_ids, extra_key ? &extra_key.value() : nullptr);
-    });
+    return translate_errors(
+        [&] { return bm.allocate(seq_id, token_ids, extra_key ? &extra_key.value() : nullptr); });
   }
 
   // token_ids: integer [num_tokens] on CPU; read in C++, no per-element Python.
@@ -87,7 +86,8 @@ struct BlockManagerClass : torch::CustomClassHolder {
     });
   }
 
-  // One call per decode step: (slot_mapping int64 [B], block_tables int32 [B, W], seq_lens int32 [B]).
+  // One call per decode step: (slot_mapping int64 [B], block_tables int32 [B, W], seq_lens int32
+  // [B]).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_step(const std::vector<int64_t>& seq_ids,
                                                              const std::vector<int64_t>& token_ids,
                                                              int64_t min_width) {
@@ -136,7 +136,9 @@ void register_block_manager_class(torch::Library& m) {
       .def("enable_prefix_caching", [](const Self& s) { return s->bm.enable_prefix_caching(); })
       .def("num_free_blocks", [](const Self& s) { return s->bm.num_free_blocks(); })
       .def("can_allocate",
-           [](const Self& s, int64_t n) { return translate_errors([&] { return s->bm.can_allocate(n); }); })
+           [](const Self& s, int64_t n) {
+             return translate_errors([&] { return s->bm.can_allocate(n); });
+           })
       .def("allocate", &BlockManagerClass::allocate)
       .def("allocate_tensor", &BlockManagerClass::allocate_tensor)
       .def("mark_computed",
@@ -144,7 +146,9 @@ void register_block_manager_class(torch::Library& m) {
              translate_errors([&] { s->bm.mark_computed(seq_ids, num_computed); });
            })
       .def("can_append",
-           [](const Self& s, int64_t id) { return translate_errors([&] { return s->bm.can_append(id); }); })
+           [](const Self& s, int64_t id) {
+             return translate_errors([&] { return s->bm.can_append(id); });
+           })
       .def("append_slot",
            [](const Self& s, int64_t id, int64_t token) {
              return translate_errors([&] { return s->bm.append_slot(id, token); });
@@ -154,10 +158,8 @@ void register_block_manager_class(torch::Library& m) {
       .def("block_tables", &BlockManagerClass::block_tables)
       .def("seq_lens", &BlockManagerClass::seq_lens)
       .def("decode_step", &BlockManagerClass::decode_step)
-      .def("fork",
-           [](const Self& s, int64_t parent, int64_t child) {
-             translate_errors([&] { s->bm.fork(parent, child); });
-           })
+      .def("fork", [](const Self& s, int64_t parent,
+                      int64_t child) { translate_errors([&] { s->bm.fork(parent, child); }); })
       .def("free", [](const Self& s, int64_t id) { translate_errors([&] { s->bm.free(id); }); })
       .def("take_copies", &BlockManagerClass::take_copies)
       .def("has_seq", [](const Self& s, int64_t id) { return s->bm.has_seq(id); })
@@ -169,7 +171,9 @@ void register_block_manager_class(torch::Library& m) {
              });
            })
       .def("seq_len",
-           [](const Self& s, int64_t id) { return translate_errors([&] { return s->bm.seq_len(id); }); })
+           [](const Self& s, int64_t id) {
+             return translate_errors([&] { return s->bm.seq_len(id); });
+           })
       .def("num_computed_tokens",
            [](const Self& s, int64_t id) {
              return translate_errors([&] { return s->bm.num_computed_tokens(id); });
@@ -179,7 +183,9 @@ void register_block_manager_class(torch::Library& m) {
              return translate_errors([&] { return static_cast<int64_t>(s->bm.ref_count(b)); });
            })
       .def("is_cached",
-           [](const Self& s, int64_t b) { return translate_errors([&] { return s->bm.is_cached(b); }); })
+           [](const Self& s, int64_t b) {
+             return translate_errors([&] { return s->bm.is_cached(b); });
+           })
       .def("evictable_blocks",
            [](const Self& s) {
              const auto v = s->bm.evictable_blocks();

@@ -136,7 +136,7 @@ TEST(BlockManager, EvictedPrefixMissesAfterItsBlocksAreReused) {
   BlockManager bm(4, 2);
   EXPECT_EQ(bm.allocate(1, {1, 2, 3, 4, 5}), 0);  // 0 1 2
   bm.mark_computed({1}, {5});
-  bm.free(1);  // evictable: 1 0
+  bm.free(1);                                           // evictable: 1 0
   EXPECT_EQ(bm.allocate(2, {7, 7, 7, 7, 7, 7, 7}), 0);  // takes 3 2, evicts 1 then 0
   EXPECT_EQ(bm.block_table(2), (Table{3, 2, 1, 0}));
   bm.free(2);
@@ -223,17 +223,17 @@ TEST(BlockManager, FailedCallsLeaveStateExactlyUnchanged) {
   const std::vector<int64_t> ids = {1, 2, 3, 7};
   const Snapshot before = snapshot(bm, ids);
   std::vector<int64_t> out(64);
-  EXPECT_THROW(bm.allocate(1, iota_tokens(4)), std::invalid_argument);        // duplicate
-  EXPECT_THROW(bm.allocate(3, {}), std::invalid_argument);                    // empty
-  EXPECT_THROW(bm.allocate(3, {1, -2}), std::invalid_argument);               // bad token
+  EXPECT_THROW(bm.allocate(1, iota_tokens(4)), std::invalid_argument);         // duplicate
+  EXPECT_THROW(bm.allocate(3, {}), std::invalid_argument);                     // empty
+  EXPECT_THROW(bm.allocate(3, {1, -2}), std::invalid_argument);                // bad token
   EXPECT_THROW(bm.allocate(3, {1, int64_t{1} << 40}), std::invalid_argument);  // bad token
-  EXPECT_THROW(bm.allocate(3, iota_tokens(20, 90)), OutOfBlocksError);        // needs 5, 1 free
+  EXPECT_THROW(bm.allocate(3, iota_tokens(20, 90)), OutOfBlocksError);         // needs 5, 1 free
   // 16 tokens hit blocks 0 1 (ref > 0) -> needs 2 new, only 1 free: nothing happens.
   auto hit = iota_tokens(16);
   EXPECT_THROW(bm.allocate(3, hit), OutOfBlocksError);
-  EXPECT_THROW(bm.append_slots({1, 7}, {1, 1}, out.data()), std::invalid_argument);  // unknown
-  EXPECT_THROW(bm.append_slots({1, 1}, {1, 1}, out.data()), std::invalid_argument);  // duplicate
-  EXPECT_THROW(bm.append_slots({1, 2}, {1}, out.data()), std::invalid_argument);     // sizes
+  EXPECT_THROW(bm.append_slots({1, 7}, {1, 1}, out.data()), std::invalid_argument);   // unknown
+  EXPECT_THROW(bm.append_slots({1, 1}, {1, 1}, out.data()), std::invalid_argument);   // duplicate
+  EXPECT_THROW(bm.append_slots({1, 2}, {1}, out.data()), std::invalid_argument);      // sizes
   EXPECT_THROW(bm.append_slots({2, 1}, {1, -1}, out.data()), std::invalid_argument);  // token
   EXPECT_THROW(bm.mark_computed({1, 7}, {1, 1}), std::invalid_argument);
   EXPECT_THROW(bm.mark_computed({2}, {6}), std::invalid_argument);

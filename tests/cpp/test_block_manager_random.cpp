@@ -20,7 +20,7 @@ namespace {
 
 struct Seq {
   std::vector<int64_t> tokens;
-  std::string extra;  // "" = none
+  std::string extra;    // "" = none
   int64_t written = 0;  // positions whose token is in the pool (or pending in this step)
 };
 
@@ -34,7 +34,8 @@ class Simulation {
       : rng_(seed),
         bm_(num_blocks, block_size, true,
             collide ? BlockManager::HashFn([](uint64_t p, const int32_t* t, int64_t, uint64_t e) {
-              return (p ^ e ^ static_cast<uint64_t>(t[0])) & 3;  // 4 hash values: constant collisions
+              return (p ^ e ^ static_cast<uint64_t>(t[0])) &
+                     3;  // 4 hash values: constant collisions
             })
                     : BlockManager::HashFn()),
         bs_(block_size),
@@ -156,7 +157,8 @@ class Simulation {
   void forward() {
     for (const auto& [src, dst] : bm_.take_copies()) {
       ASSERT_NE(src, dst);
-      std::copy(pool_.begin() + src * bs_, pool_.begin() + (src + 1) * bs_, pool_.begin() + dst * bs_);
+      std::copy(pool_.begin() + src * bs_, pool_.begin() + (src + 1) * bs_,
+                pool_.begin() + dst * bs_);
     }
     for (const Write& w : writes_) pool_[w.slot] = w.token;
     writes_.clear();
@@ -186,7 +188,8 @@ class Simulation {
     const auto st = bm_.stats();
     ASSERT_EQ(st.blocks_in_use, in_use);
     ASSERT_EQ(st.pending_copies, 0);
-    // After the forward drained the copies nothing is reserved: every block is in exactly one state.
+    // After the forward drained the copies nothing is reserved: every block is in exactly one
+    // state.
     ASSERT_EQ(st.free_blocks + st.evictable_blocks + st.blocks_in_use, bm_.num_blocks());
     ASSERT_EQ(bm_.num_free_blocks(), st.free_blocks + st.evictable_blocks);
   }

@@ -3,7 +3,8 @@
 // extra key and parent block) and copy-on-write for forked sequences. Plain C++17, no torch.
 // Design decision: every operation is O(1) per block it touches — free and evictable blocks live in
 // intrusive doubly-linked lists inside the block array, cached blocks in a hash map; nothing scans
-// the pool. Every public method validates first and mutates after, so a throw leaves state unchanged.
+// the pool. Every public method validates first and mutates after, so a throw leaves state
+// unchanged.
 #pragma once
 
 #include <cstdint>
@@ -38,8 +39,8 @@ struct BlockManagerStats {
 
 class BlockManager {
  public:
-  // hash(parent_hash, tokens[0:num_tokens], extra_hash) -> block hash. Injectable so tests can force
-  // collisions; the default is a 64-bit multiply-xorshift chain (deterministic across runs).
+  // hash(parent_hash, tokens[0:num_tokens], extra_hash) -> block hash. Injectable so tests can
+  // force collisions; the default is a 64-bit multiply-xorshift chain (deterministic across runs).
   using HashFn = std::function<uint64_t(uint64_t parent_hash, const int32_t* tokens,
                                         int64_t num_tokens, uint64_t extra_hash)>;
 
@@ -86,7 +87,8 @@ class BlockManager {
   // uncached one free.
   void free(int64_t seq_id);
   // Drains the pending copy-on-write (src, dst) pairs in issue order. A src block stays reserved
-  // (neither free nor evictable) until its copy is drained, so no dst of the same batch can alias it.
+  // (neither free nor evictable) until its copy is drained, so no dst of the same batch can alias
+  // it.
   std::vector<std::pair<int32_t, int32_t>> take_copies();
 
   bool has_seq(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
@@ -111,7 +113,7 @@ class BlockManager {
     int32_t prev = kNoBlock;  // links of the list named by `list`
     int32_t next = kNoBlock;
     ListId list = ListId::kNone;
-    bool cached = false;       // registered in cache_ under `hash`
+    bool cached = false;        // registered in cache_ under `hash`
     bool copy_pending = false;  // src of an undrained CoW pair
     uint32_t generation = 0;    // bumped when the block leaves the cache: children's parent check
     uint64_t hash = 0;
