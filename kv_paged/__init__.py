@@ -15,16 +15,25 @@ from kv_paged.block_manager import BlockManager  # noqa: E402  (needs _C loaded)
 __version__ = "0.1.0"
 from kv_paged import ops  # noqa: E402,F401  (registers the fake implementations)
 
-# Register the "kv_paged" attention with transformers when it is installed (optional extra).
-import importlib.util as _importlib_util  # noqa: E402
 
-if _importlib_util.find_spec("transformers") is not None:
+def _register_transformers() -> None:
+    """Registers the "kv_paged" attention with transformers when it is installed (optional extra)."""
+    import importlib.util
+    import warnings
+
     try:
-        from kv_paged.integrations import hf as _hf  # noqa: F401  (registers on import)
-    except ImportError as _e:
-        import warnings as _warnings
+        installed = importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        return
+    try:
+        from kv_paged.integrations import hf  # noqa: F401  (registers on import)
+    except ImportError as e:
+        warnings.warn(f"kv_paged: the transformers integration is unavailable: {e}", stacklevel=3)
 
-        _warnings.warn(f"kv_paged: the transformers integration is unavailable: {_e}", stacklevel=2)
+
+_register_transformers()
 
 
 def __getattr__(name: str):  # Engine / SamplingParams load lazily: kv_paged.engine imports more modules

@@ -1,4 +1,4 @@
-"""HuggingFace transformers integration: the "kv_paged" attention, a paged `Cache`, tiny test models.
+"""HuggingFace transformers integration: "kv_paged" attention, a paged `Cache`, tiny test models.
 
 The only module that imports transformers. Design: `PagedCache.for_model(model)` hooks the model's
 forward; the hook sees input_ids + attention_mask, books blocks in the BlockManager and builds ONE
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import kv_paged
-from kv_paged.cache import AttentionMetadata, KVCachePool
+from kv_paged.cache import AttentionMetadata, KVCachePool, PaddedBatch
 
 try:
     import transformers
@@ -81,24 +81,6 @@ def _active_cache() -> PagedCache | None:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Row:
-    """One batch row of the generate / hand-loop path: a BlockManager sequence."""
-
-    seq_id: int
-    pad: int  # leading padding columns of this row in the model's input
-    tokens: list[int]  # every token the BlockManager holds for the sequence
-    written: int  # tokens whose K/V is in the pool (cached prefix or computed)
-
-
-@dataclasses.dataclass
-class _Pending:
-    """What a successful forward commits: per-row KV lengths after the step, columns consumed."""
-
-    computed: list[int]
-    columns: int
-
-
 class PagedLayer(CacheLayerMixin):
     """One decoder layer's view of a PagedCache: K/V live in the shared pool, not in this object."""
 
@@ -121,10 +103,10 @@ class PagedLayer(CacheLayerMixin):
         return self._cache._write(self.layer_idx, key_states, value_states)
 
     def get_seq_length(self) -> int:
-        return self._cache._columns
+        return self._cache.get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._cache._columns + query_length, 0
+        return self._cache.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -180,7 +162,8 @@ class PagedCache(Cache):
         if not isinstance(pool, KVCachePool):
             raise TypeError(f"pool must be a kv_paged.cache.KVCachePool, got {type(pool).__name__}")
         if block_manager is not None and (
-            block_manager.num_blocks != pool.num_blocks or block_manager.block_size != pool.block_size
+            block_manager.num_blocks != pool.num_blocks
+            or block_manager.block_size != pool.block_size
         ):
             raise ValueError(
                 f"block_manager has num_blocks={block_manager.num_blocks}, block_size="
@@ -195,12 +178,11 @@ class PagedCache(Cache):
         self.sliding_windows = [w if w is not None and w > 0 else None for w in windows]
         layers = [PagedLayer(self, i, w) for i, w in enumerate(self.sliding_windows)]
         super().__init__(layers=layers)
-        self._rows: list[_Row] | None = None
-        self._columns = 0  # padded input columns already consumed by the current batch
+        self._batch: PaddedBatch | None = None  # the generate / hand-loop batch
         self._next_seq_id = 0
         self._meta: AttentionMetadata | None = None
         self._external_meta: AttentionMetadata | None = None
-        self._pending: _Pending | None = None
+        self._stepping = False  # the running forward is a PaddedBatch step (not an engine step)
         self._new_kv: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._owner: torch.nn.Module | None = None
         self._broken: str | None = None
@@ -222,9 +204,13 @@ class PagedCache(Cache):
         device) and hooked into model's forward."""
         spec = kv_cache_spec(model)
         pool = KVCachePool(
-            num_layers=len(spec["num_kv_heads"]), num_blocks=num_blocks, block_size=block_size,
-            num_kv_heads=spec["num_kv_heads"], head_dim=spec["head_dim"],
-            dtype=dtype or spec["dtype"], device=spec["device"],
+            num_layers=len(spec["num_kv_heads"]),
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=spec["num_kv_heads"],
+            head_dim=spec["head_dim"],
+            dtype=dtype or spec["dtype"],
+            device=spec["device"],
         )
         if block_manager is None:
             block_manager = kv_paged.BlockManager(num_blocks, block_size, enable_prefix_caching)
@@ -251,20 +237,22 @@ class PagedCache(Cache):
     @property
     def seq_ids(self) -> list[int]:
         """BlockManager sequence id of each batch row (generate / hand-loop path)."""
-        return [] if self._rows is None else [r.seq_id for r in self._rows]
+        return [] if self._batch is None else self._batch.seq_ids
 
     # -- batch lifecycle -----------------------------------------------------------------------
 
     def reset(self) -> None:
         """Free the current batch. Its computed full blocks stay matchable by the prefix cache."""
-        if self._rows is not None and self.block_manager is not None:
-            for row in self._rows:
-                self.block_manager.free(row.seq_id)
-        self._rows, self._columns = None, 0
-        self._meta = self._external_meta = self._pending = self._new_kv = None
+        if self._batch is not None:
+            self._batch.free()
+        self._batch = None
+        self._meta = self._external_meta = self._new_kv = None
+        self._stepping = False
         self._broken = None
 
-    def add_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+    def add_prompts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> int:
         """Start a new batch: book blocks for each (left-padded) prompt, reusing prefix-cached ones.
 
         input_ids: int [B, L]; attention_mask: [B, L] of 0/1, left padding only (or None).
@@ -274,165 +262,65 @@ class PagedCache(Cache):
         self._check_usable()
         if self.block_manager is None:
             raise RuntimeError("this PagedCache has no BlockManager (built for an engine)")
-        if self._rows is not None:
-            raise RuntimeError("PagedCache already holds a batch; call cache.reset() before add_prompts()")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be an int tensor [B, L] with L > 0, got {_shape(input_ids)}")
-        self._admit(input_ids, attention_mask)
-        rows = self._rows
-        skip = min(r.pad + r.written for r in rows)
-        self._columns = min(skip, input_ids.shape[1] - 1)
-        return self._columns
+        if self._batch is not None:
+            raise RuntimeError(
+                "PagedCache already holds a batch; call cache.reset() before add_prompts()"
+            )
+        batch = PaddedBatch(self.block_manager, first_seq_id=self._next_seq_id)
+        columns = batch.add_prompts(input_ids, attention_mask)
+        self._batch, self._next_seq_id = batch, batch.next_seq_id
+        return columns
 
     def set_step(self, meta: AttentionMetadata | None) -> None:
         """Engine path: the next forward (packed input_ids [1, T] with explicit position_ids) uses
         `meta` as is, with no sequence bookkeeping here. None clears a step that was not run."""
         if meta is not None and not isinstance(meta, AttentionMetadata):
-            raise TypeError(f"meta must be a kv_paged.cache.AttentionMetadata or None, got {type(meta).__name__}")
+            raise TypeError(
+                f"meta must be a kv_paged.cache.AttentionMetadata or None, got {type(meta).__name__}"
+            )
         self._external_meta = meta
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._columns
+        return self._batch.columns if self._batch is not None else 0
 
     # -- per-forward metadata ------------------------------------------------------------------
 
     def _check_usable(self) -> None:
         if self._broken is not None:
-            raise RuntimeError(f"PagedCache is unusable after a failed forward ({self._broken}); call reset()")
-
-    def _admit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Allocate one BlockManager sequence per row; all checks happen before any allocation."""
-        bsz, length = input_ids.shape
-        pads = _left_pads(attention_mask, bsz, length)
-        ids = input_ids.tolist()
-        prompts = [row[p:] for row, p in zip(ids, pads)]
-        need = sum(-(-len(p) // self.block_size) for p in prompts)
-        if need > self.block_manager.num_free_blocks:
             raise RuntimeError(
-                f"PagedCache out of blocks: the prompts need {need} blocks of {self.block_size} tokens, "
-                f"{self.block_manager.num_free_blocks} of {self.num_blocks} are free"
+                f"PagedCache is unusable after a failed forward ({self._broken}); call reset()"
             )
-        rows = []
-        for prompt, pad in zip(prompts, pads):
-            seq_id = self._next_seq_id
-            self._next_seq_id += 1
-            cached = self.block_manager.allocate(seq_id, prompt) if prompt else 0
-            rows.append(_Row(seq_id=seq_id, pad=pad, tokens=list(prompt), written=int(cached)))
-        self._rows = rows
 
     def _begin_step(self, input_ids: torch.Tensor | None, attention_mask: Any) -> None:
         self._check_usable()
         if self._external_meta is not None:
             self._meta, self._external_meta = self._external_meta, None
-            self._pending = None
+            self._stepping = False
             return
         if self.block_manager is None:
             raise RuntimeError(
                 "this PagedCache has no BlockManager (built for an engine): call set_step(meta) before "
                 "each forward, or build it with PagedCache.for_model(model, num_blocks=...)"
             )
-        if input_ids is None:
-            raise ValueError(
-                "PagedCache needs input_ids: the block manager hashes token ids for prefix caching "
-                "(inputs_embeds alone are not supported)"
-            )
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got {_shape(input_ids)}")
-        bsz, seq = input_ids.shape
-        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
-            raise ValueError(
-                f"PagedCache supports a 2D attention_mask [batch, past + new] of 0/1 only, got {_shape(attention_mask)}"
-            )
-        c0 = self._columns
-        if attention_mask is not None and tuple(attention_mask.shape) != (bsz, c0 + seq):
-            raise ValueError(
-                f"attention_mask must cover the cached and new columns: expected shape {(bsz, c0 + seq)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        if self._rows is None:
-            self._admit(input_ids, attention_mask)
-        rows = self._rows
-        if len(rows) != bsz:
-            raise ValueError(f"input_ids has batch {bsz} but the cache holds {len(rows)} sequences; reset() first")
-        if attention_mask is not None:
-            pads = torch.tensor([r.pad for r in rows], device=attention_mask.device)
-            cols = torch.arange(c0, c0 + seq, device=attention_mask.device)
-            expected = cols[None, :] >= pads[:, None]
-            if not torch.equal(attention_mask[:, c0:].bool(), expected):
-                raise ValueError(
-                    "attention_mask must be left padding only (each row 0...0 1...1), consistent with the "
-                    "earlier steps of the batch"
-                )
-        ids = input_ids.tolist()
-        bs = self.block_size
-
-        # Plan every row before touching the BlockManager, so a bad input changes nothing.
-        plans = []  # (row, start, end, new_tokens)
-        need = 0
-        for row, row_ids in zip(rows, ids):
-            start = max(c0 - row.pad, 0)
-            end = max(c0 + seq - row.pad, 0)
-            first_col = max(c0, row.pad) - c0
-            step_tokens = row_ids[first_col:]
-            known = len(row.tokens)
-            overlap = min(end, known) - start
-            if overlap > 0 and step_tokens[:overlap] != row.tokens[start : start + overlap]:
-                raise ValueError("input_ids do not match the tokens this PagedCache holds for the batch")
-            new_tokens = step_tokens[max(overlap, 0) :]
-            need += -(-(known + len(new_tokens)) // bs) - (-(-known // bs))
-            plans.append((row, start, end, new_tokens))
-        if need > self.block_manager.num_free_blocks:
-            raise RuntimeError(
-                f"PagedCache out of blocks: this step needs {need} new blocks, "
-                f"{self.block_manager.num_free_blocks} of {self.num_blocks} are free"
-            )
-
-        slots: list[torch.Tensor] = []
-        decode = all(len(p[3]) == 1 and p[2] - p[1] == 1 for p in plans)
-        if decode:
-            slots.append(self.block_manager.append_slots([p[0].seq_id for p in plans], [p[3][0] for p in plans]))
-            for row, _, _, new_tokens in plans:
-                row.tokens.extend(new_tokens)
-        else:
-            for row, start, end, new_tokens in plans:
-                known = len(row.tokens)
-                lo = max(start, row.written)
-                if start < lo:
-                    slots.append(torch.full((min(lo, end) - start,), -1, dtype=torch.int64))
-                if lo < min(end, known):
-                    slots.append(self.block_manager.slot_mapping(row.seq_id, lo, min(end, known)))
-                for tok in new_tokens:
-                    slots.append(torch.tensor([self.block_manager.append_slot(row.seq_id, tok)], dtype=torch.int64))
-                row.tokens.extend(new_tokens)
-        slot_mapping = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
-
-        query_lens = [end - start for _, start, end, _ in plans]
-        kv_lens = [end for _, _, end, _ in plans]
-        token_index = None
-        if sum(query_lens) != bsz * seq:
-            index = [i * seq + (seq - n) + j for i, n in enumerate(query_lens) for j in range(n)]
-            token_index = torch.tensor(index, dtype=torch.int64)
-        self._meta = AttentionMetadata.build(
-            query_lens=query_lens, kv_lens=kv_lens,
-            block_tables=self.block_manager.block_tables([r.seq_id for r in rows]),
-            slot_mapping=slot_mapping, device=self.pool.device, token_index=token_index,
-            num_rows=bsz * seq,
-        )
-        self._pending = _Pending(computed=kv_lens, columns=c0 + seq)
+        if self._batch is None:
+            self._batch = PaddedBatch(self.block_manager, first_seq_id=self._next_seq_id)
+        try:
+            self._meta = self._batch.begin_step(input_ids, attention_mask, device=self.pool.device)
+        finally:
+            self._next_seq_id = self._batch.next_seq_id
+            if not self._batch.seq_ids:
+                self._batch = None
+        self._stepping = True
 
     def _end_step(self, ok: bool) -> None:
-        pending, self._pending = self._pending, None
+        stepping, self._stepping = self._stepping, False
         self._meta = self._new_kv = None
-        if not ok:
-            if pending is not None:  # the BlockManager already holds this step's tokens
-                self._broken = "a forward raised"
+        if not stepping:
             return
-        if pending is not None:
-            rows = self._rows
-            self.block_manager.mark_computed([r.seq_id for r in rows], pending.computed)
-            for row, n in zip(rows, pending.computed):
-                row.written = max(row.written, n)
-            self._columns = pending.columns
+        if ok:
+            self._batch.commit_step()
+        else:  # the BlockManager already holds this step's tokens, their K/V may be half written
+            self._broken = "a forward raised"
 
     def _write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
         """key, value: [B, num_kv_heads, S, head_dim] -> pool; returned unchanged."""
@@ -483,24 +371,6 @@ def kv_cache_spec(model: torch.nn.Module) -> dict[str, Any]:
 def use_kv_paged_attention(model: torch.nn.Module) -> None:
     """Switch model to the "kv_paged" attention (and mask) implementation."""
     model.set_attn_implementation(ATTN_NAME)
-
-
-def _left_pads(attention_mask: torch.Tensor | None, bsz: int, length: int) -> list[int]:
-    """Leading padding count of each row; raises unless every row is 0...0 1...1."""
-    if attention_mask is None:
-        return [0] * bsz
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (bsz, length):
-        raise ValueError(f"attention_mask must be [batch={bsz}, {length}] of 0/1, got {_shape(attention_mask)}")
-    mask = attention_mask.bool()
-    pads = (~mask).sum(dim=1)
-    expected = torch.arange(length, device=mask.device)[None, :] >= pads[:, None]
-    if not torch.equal(mask, expected):
-        raise ValueError("attention_mask must be left padding only (each row 0...0 1...1)")
-    return pads.tolist()
-
-
-def _shape(x: Any) -> Any:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,11 +464,15 @@ def kv_paged_mask(
         device = attention_mask.device
         mask = attention_mask[:, -kv_length:].bool()
         if mask.shape[1] != kv_length:
-            raise ValueError(f"attention_mask has {mask.shape[1]} columns, fewer than kv_length={kv_length}")
+            raise ValueError(
+                f"attention_mask has {mask.shape[1]} columns, fewer than kv_length={kv_length}"
+            )
         pads = (~mask).sum(dim=1)
         expected = torch.arange(kv_length, device=device)[None, :] >= pads[:, None]
         if not torch.equal(mask, expected):
-            raise ValueError("kv_paged attention supports left padding only (attention_mask rows 0...0 1...1)")
+            raise ValueError(
+                "kv_paged attention supports left padding only (attention_mask rows 0...0 1...1)"
+            )
         if bool(mask.all()):
             mask = None
     else:
@@ -614,12 +488,14 @@ def kv_paged_mask(
         k_index = mask.reshape(-1).nonzero().squeeze(1)
     zero = torch.zeros(1, dtype=torch.int32, device=device)
     return DenseVarlen(
-        q_index=q_index, k_index=k_index,
+        q_index=q_index,
+        k_index=k_index,
         cu_seqlens_q=torch.cat([zero, q_lens.cumsum(0, dtype=torch.int32)]),
         cu_seqlens_k=torch.cat([zero, k_lens.cumsum(0, dtype=torch.int32)]),
         max_seqlen_q=int(q_lens.max()) if batch_size else 0,
         max_seqlen_k=int(k_lens.max()) if batch_size else 0,
-        q_length=q_length, kv_length=kv_length,
+        q_length=q_length,
+        kv_length=kv_length,
     )
 
 
@@ -648,9 +524,13 @@ def kv_paged_attention(
     Returns ([B, S, num_heads, head_dim], None); rows at padding positions are zeros.
     """
     if dropout and module.training:
-        raise NotImplementedError("kv_paged attention does not implement attention dropout (training)")
+        raise NotImplementedError(
+            "kv_paged attention does not implement attention dropout (training)"
+        )
     if kwargs.get("output_attentions"):
-        raise NotImplementedError("kv_paged attention cannot return attention weights (output_attentions)")
+        raise NotImplementedError(
+            "kv_paged attention cannot return attention weights (output_attentions)"
+        )
     if kwargs.get("cache") is not None and not isinstance(kwargs.get("cache"), PagedCache):
         return _continuous_batching_attention(module, query, key, value, scaling, kwargs)
     window, softcap = _window_and_cap(module, kwargs)
@@ -660,11 +540,18 @@ def kv_paged_attention(
     if cache is not None and cache._meta is not None:
         meta = cache._meta
         layer_idx = module.layer_idx
-        new_kv = cache._new_kv if cache._new_kv is not None and cache._new_kv[0] == layer_idx else None
+        new_kv = (
+            cache._new_kv if cache._new_kv is not None and cache._new_kv[0] == layer_idx else None
+        )
         out = cache.pool.attend(
-            layer_idx, meta.pack(q), meta,
-            key=None if new_kv is None else new_kv[1], value=None if new_kv is None else new_kv[2],
-            scale=scaling, sliding_window=window, softcap=softcap,
+            layer_idx,
+            meta.pack(q),
+            meta,
+            key=None if new_kv is None else new_kv[1],
+            value=None if new_kv is None else new_kv[2],
+            scale=scaling,
+            sliding_window=window,
+            softcap=softcap,
         )
         return meta.unpack(out).view(bsz, seq, heads, -1), None
 
@@ -684,10 +571,17 @@ def kv_paged_attention(
         q = q.index_select(0, varlen.q_index)
         k, v = k.index_select(0, varlen.k_index), v.index_select(0, varlen.k_index)
     out = kv_paged.ops.flash_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), varlen.cu_seqlens_q, varlen.cu_seqlens_k,
-        varlen.max_seqlen_q, varlen.max_seqlen_k, scale=scaling,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        varlen.cu_seqlens_q,
+        varlen.cu_seqlens_k,
+        varlen.max_seqlen_q,
+        varlen.max_seqlen_k,
+        scale=scaling,
         causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
-        sliding_window=window, softcap=softcap,
+        sliding_window=window,
+        softcap=softcap,
     )
     if varlen.q_index is not None:
         out = out.new_zeros((bsz * seq, *out.shape[1:])).index_copy_(0, varlen.q_index, out)
@@ -698,7 +592,8 @@ def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
     """transformers' own continuous batching ("paged|kv_paged", transformers 5.17-5.22): K/V go
     through its PagedAttentionCache (kwargs["cache"]), which returns each sequence's past + new K/V
     packed as [Tk, num_kv_heads, head_dim] in cu_seq_lens_k order; attention runs on kv_paged's
-    varlen flash attention. query: [1, num_heads, T, head_dim]. Returns ([1, T, num_heads, head_dim], None).
+    varlen flash attention. query: [1, num_heads, T, head_dim].
+    Returns ([1, T, num_heads, head_dim], None).
     """
     cache = kwargs["cache"]
     window, softcap = _window_and_cap(module, kwargs)
@@ -710,13 +605,25 @@ def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
     cu_q = kwargs["cu_seq_lens_q"]
     max_q = kwargs.get("max_seqlen_q", kwargs.get("max_length_q"))
     k, v = cache.update(
-        key_states=key, value_states=value, layer_idx=module.layer_idx,
-        read_index=kwargs["read_index"], write_index=kwargs["write_index"],
+        key_states=key,
+        value_states=value,
+        layer_idx=module.layer_idx,
+        read_index=kwargs["read_index"],
+        write_index=kwargs["write_index"],
     )
     q = query.transpose(1, 2).squeeze(0)
     out = kv_paged.ops.flash_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), cu_q.to(torch.int32), cu_k.to(torch.int32),
-        int(max_q), int(max_k), scale=scaling, causal=True, sliding_window=window, softcap=softcap,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        cu_q.to(torch.int32),
+        cu_k.to(torch.int32),
+        int(max_q),
+        int(max_k),
+        scale=scaling,
+        causal=True,
+        sliding_window=window,
+        softcap=softcap,
     )
     return out.unsqueeze(0), None
 
@@ -725,12 +632,21 @@ def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
 # Tiny random-weight models (tests, demo): built in code, no download
 # ---------------------------------------------------------------------------------------------
 
-_COMMON_CONFIG = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-    pad_token_id=0, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False,
-    initializer_range=0.1,
-)
+_COMMON_CONFIG = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": None,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.1,
+}
 # arch -> (config class, model class, overrides). Windows and softcaps are small so that 32
 # generated tokens cross them and random weights make them matter.
 TINY_ARCHS: dict[str, tuple[str, str, dict]] = {
@@ -739,17 +655,28 @@ TINY_ARCHS: dict[str, tuple[str, str, dict]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "gemma2": (
-        "Gemma2Config", "Gemma2ForCausalLM",
-        {"sliding_window": 6, "attn_logit_softcapping": 3.0, "final_logit_softcapping": 30.0,
-         "query_pre_attn_scalar": 16, "layer_types": ["sliding_attention", "full_attention"]},
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "sliding_window": 6,
+            "attn_logit_softcapping": 3.0,
+            "final_logit_softcapping": 30.0,
+            "query_pre_attn_scalar": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"head_dim": None, "sliding_window": None}),
 }
 
 
 def tiny_model(
-    arch: str, *, attn_implementation: str = ATTN_NAME, seed: int = 0, dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu", **config_overrides: Any,
+    arch: str,
+    *,
+    attn_implementation: str = ATTN_NAME,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    **config_overrides: Any,
 ) -> torch.nn.Module:
     """A tiny random-weight causal LM of `arch` (see TINY_ARCHS), in eval mode.
 
