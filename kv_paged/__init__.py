@@ -34,3 +34,11 @@ def _register_transformers() -> None:
 
 
 _register_transformers()
+
+
+def __getattr__(name: str):  # Engine / SamplingParams load lazily: kv_paged.engine imports more modules
+    if name in ("Engine", "SamplingParams"):
+        from kv_paged import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'kv_paged' has no attribute {name!r}")

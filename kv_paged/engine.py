@@ -1,0 +1,446 @@
+"""kv_paged.Engine: continuous batching of many requests over one paged KV pool, inside the user's
+own Python process, with the user's HuggingFace model.
+
+Design decision: one packed varlen forward per step. Every scheduled sequence contributes a slice of
+positions (a prefill chunk or one decode row) to input_ids [1, T] with explicit position_ids; the
+"kv_paged" attention reads each sequence's KV through its block table, and logits are computed only
+at the rows that sample. The scheduler (kv_paged/scheduler.py) decides the slices; the sampler
+(kv_paged/sampling.py) draws from per-sequence generators, so outputs never depend on batching.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from kv_paged.block_manager import BlockManager
+from kv_paged.metrics import EngineMetrics
+from kv_paged.model_runner import ModelRunner, kv_bytes_per_block
+from kv_paged.sampling import SamplingParams, make_generator, sample
+from kv_paged.scheduler import Request, ScheduledBatch, Scheduler, SeqStatus, Sequence
+
+DEFAULT_CPU_KV_MEMORY = 1 << 30  # 1 GiB of KV pool on CPU unless kv_memory says otherwise
+CUDA_FREE_MEMORY_FRACTION = 0.7  # of the free device memory after the model is loaded
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's n samples. new_token_ids: tokens generated since the previous step output."""
+
+    index: int
+    token_ids: list[int]
+    new_token_ids: list[int]
+    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
+    text: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    error: str | None = None  # why the request could not be served (it then has no outputs)
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The first sample's tokens (the only one when n = 1)."""
+        return self.outputs[0].token_ids if self.outputs else []
+
+
+class Engine:
+    """Serves many generation requests over one paged KV pool with a HuggingFace causal LM.
+
+    model: a transformers causal LM (its attention is switched to "kv_paged" for the engine's life).
+    num_blocks: KV pool size in blocks; None sizes it from kv_memory.
+    kv_memory: pool budget in bytes; None = CUDA_FREE_MEMORY_FRACTION of free device memory on CUDA,
+      DEFAULT_CPU_KV_MEMORY on CPU; never more than max_num_seqs full-length sequences need.
+    max_num_batched_tokens: tokens per forward (prefill chunks + decode rows); None = 2048.
+    tokenizer: optional; lets prompts be strings and fills CompletionOutput.text.
+    """
+
+    def __init__(
+        self,
+        model,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        kv_memory: int | None = None,
+        tokenizer=None,
+    ) -> None:
+        for name, value, low in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Engine: {name} must be an int >= {low}, got {value!r}")
+        for name, value in (
+            ("num_blocks", num_blocks),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("kv_memory", kv_memory),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"Engine: {name} must be None or an int >= 1, got {value!r}")
+        if num_blocks is not None and kv_memory is not None:
+            raise ValueError("Engine: pass num_blocks or kv_memory, not both")
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        config = (
+            model.config.get_text_config()
+            if hasattr(model.config, "get_text_config")
+            else model.config
+        )
+        self.max_model_len = int(getattr(config, "max_position_embeddings", 1 << 30))
+        self.block_size = block_size
+        self.bytes_per_block = kv_bytes_per_block(model, block_size)
+        if num_blocks is None:
+            budget = kv_memory if kv_memory is not None else self._default_kv_memory()
+            cap = max_num_seqs * -(-min(self.max_model_len, 1 << 20) // block_size)
+            num_blocks = max(1, min(budget // self.bytes_per_block, cap))
+        self.num_blocks = num_blocks
+        self.block_manager = BlockManager(
+            num_blocks, block_size, enable_prefix_caching=enable_prefix_caching
+        )
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs,
+            max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        )
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos_token_ids: tuple[int, ...] = (
+            tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        )
+        self.vocab_size = int(getattr(config, "vocab_size", 0)) or None
+
+        self._requests: dict[str, Request] = {}
+        self._pending_outputs: list[
+            Request
+        ] = []  # requests refused at add_request, reported next step
+        self._emitted: dict[int, int] = {}  # seq_id -> output tokens already streamed
+        self._seq_ids = itertools.count()
+        self._request_counter = itertools.count()
+        self._metrics: EngineMetrics | None = None
+
+    # ---- public API ------------------------------------------------------------------------------
+
+    def _default_kv_memory(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * CUDA_FREE_MEMORY_FRACTION)
+        return DEFAULT_CPU_KV_MEMORY
+
+    def add_request(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queues a request; returns its id. A request that can never fit is reported by the next
+        step() as finished with `error` set (the others are unaffected)."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(
+                f"add_request: params must be SamplingParams, got {type(params).__name__}"
+            )
+        token_ids = self._encode(prompt)
+        request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"add_request: request_id {request_id!r} is already in use")
+        if self._metrics is None or not self.has_unfinished():
+            self.reset_metrics()
+        seed = (
+            params.seed if params.seed is not None else int(torch.randint(0, 1 << 62, (1,)).item())
+        )
+        req = Request(
+            request_id,
+            token_ids,
+            params,
+            seed,
+            arrival=len(self._requests),
+            stop_ids=params.stop_set(self.eos_token_ids),
+        )
+        req.forked = params.n == 1
+        for i in range(params.n):
+            req.seqs.append(
+                Sequence(next(self._seq_ids), req, i, list(token_ids), make_generator(seed, i))
+            )
+        self._requests[request_id] = req
+        self._metrics.num_requests += 1
+        req.error = self._why_impossible(req)
+        if req.error is not None:
+            for seq in req.seqs:
+                seq.status, seq.finish_reason = SeqStatus.FINISHED, "error"
+            self._pending_outputs.append(req)
+        else:
+            self.scheduler.add(req.seqs[0])
+        return request_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request and frees its blocks; the next step() reports it (finish_reason "abort")."""
+        req = self._requests.get(request_id)
+        if req is None:
+            raise KeyError(f"abort: no request {request_id!r}")
+        self.scheduler.abort_request(req)
+        req.forked = True  # an aborted n > 1 request never forks: report its samples as they are
+        self._pending_outputs.append(req)
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduling step and one forward; returns the requests that got new tokens
+        (or finished) in this step, in their current state (new_token_ids holds the delta)."""
+        touched: dict[str, Request] = {r.request_id: r for r in self._pending_outputs}
+        self._pending_outputs.clear()
+        if self.scheduler.has_unfinished():
+            batch = self.scheduler.schedule()
+            if batch.entries:
+                for req in self._execute(batch):
+                    touched[req.request_id] = req
+        outputs = [self._output(r) for r in touched.values()]
+        for r in touched.values():
+            if r.finished:
+                self._requests.pop(r.request_id, None)
+        return outputs
+
+    def generate(
+        self,
+        prompts: Iterable[str | Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates every prompt to completion; outputs in prompt order. Metrics: self.metrics()."""
+        prompts = list(prompts)
+        if isinstance(prompts and prompts[0], int):
+            raise TypeError(
+                "generate: prompts must be a list of prompts (token-id lists or strings), not one token list"
+            )
+        if params is None or isinstance(params, SamplingParams):
+            params_list = [params] * len(prompts)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"generate: {len(params_list)} SamplingParams for {len(prompts)} prompts"
+                )
+        self.reset_metrics()
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        wanted = set(ids)
+        results: dict[str, RequestOutput] = {}
+        bar = _progress_bar(len(ids), use_tqdm)
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished and out.request_id in wanted:
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+            if bar is not None:
+                m = self._metrics
+                elapsed = max(time.perf_counter() - m.start, 1e-9)
+                bar.set_postfix_str(
+                    f"prefill {m.prefill_tokens / elapsed:,.0f} tok/s, decode {m.decode_tokens / elapsed:,.0f} tok/s",
+                    refresh=False,
+                )
+        if bar is not None:
+            bar.close()
+        self._metrics.end = time.perf_counter()
+        return [results[i] for i in ids]
+
+    def metrics(self) -> EngineMetrics:
+        """Metrics of the current (or last) run: since generate() started, or since the engine
+        went from idle to busy under the step API."""
+        if self._metrics is None:
+            self.reset_metrics()
+        return self._metrics
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def reset_metrics(self) -> None:
+        """Starts a new metrics run (generate() does this itself)."""
+        self._prefix_base = (self.scheduler.prefix_queried_tokens, self.scheduler.prefix_hit_tokens)
+        self._metrics = EngineMetrics(
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            bytes_per_block=self.bytes_per_block,
+            start=time.perf_counter(),
+        )
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TypeError(
+                    "add_request: prompt is a string but the Engine has no tokenizer; pass token ids or Engine(..., tokenizer=...)"
+                )
+            token_ids = list(self.tokenizer(prompt)["input_ids"])
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1:
+                raise ValueError(
+                    f"add_request: a tensor prompt must be 1-D token ids, got shape {tuple(prompt.shape)}"
+                )
+            token_ids = [int(t) for t in prompt.tolist()]
+        else:
+            token_ids = list(prompt)
+        if not token_ids:
+            raise ValueError("add_request: prompt is empty (at least one token is needed)")
+        for t in token_ids:
+            if (
+                isinstance(t, bool)
+                or not isinstance(t, int)
+                or t < 0
+                or (self.vocab_size is not None and t >= self.vocab_size)
+            ):
+                raise ValueError(
+                    f"add_request: prompt token {t!r} is not an int in [0, vocab_size={self.vocab_size})"
+                )
+        return token_ids
+
+    def _why_impossible(self, req: Request) -> str | None:
+        p, m = len(req.prompt_token_ids), req.params.max_new_tokens
+        if p + m > self.max_model_len:
+            return (
+                f"request {req.request_id}: prompt ({p} tokens) + max_new_tokens ({m}) = {p + m} exceeds the "
+                f"model's max positions (max_position_embeddings = {self.max_model_len})"
+            )
+        # The last generated token is never fed back, so a sample holds at most p + m - 1 tokens of KV.
+        need = -(-(p + m - 1) // self.block_size)
+        if need > self.num_blocks:
+            return (
+                f"request {req.request_id}: prompt ({p} tokens) + max_new_tokens ({m}) needs {need} KV blocks "
+                f"of {self.block_size} tokens but the whole pool has {self.num_blocks}; raise num_blocks / kv_memory"
+            )
+        if req.params.n > self.scheduler.max_num_seqs:
+            return f"request {req.request_id}: n = {req.params.n} exceeds max_num_seqs = {self.scheduler.max_num_seqs}"
+        return None
+
+    def _execute(self, batch: ScheduledBatch) -> list[Request]:
+        m = self._metrics
+        entries = batch.entries
+        sampling_rows = [i for i, e in enumerate(entries) if e.samples]
+        t0 = time.perf_counter()
+        logits = self.runner.forward(
+            [e.seq.token_ids[e.start : e.end] for e in entries],
+            [e.start for e in entries],
+            torch.cat([e.slots for e in entries]),
+            self.block_manager.block_tables([e.seq.seq_id for e in entries]),
+            batch.copies,
+            sampling_rows,
+        )  # [len(sampling_rows), vocab]
+        self.block_manager.mark_computed([e.seq.seq_id for e in entries], [e.end for e in entries])
+        for e in entries:
+            e.seq.num_computed = e.end
+
+        # Rows to sample: one per sequence, except an unforked n > 1 request, which samples all n
+        # of its sequences from the prompt's logits row (each with its own generator).
+        row_index, row_seqs = [], []
+        for r, i in enumerate(sampling_rows):
+            seq = entries[i].seq
+            req = seq.request
+            group = req.seqs if not req.forked else [seq]
+            row_index += [r] * len(group)
+            row_seqs += group
+        tokens = (
+            sample(
+                logits[row_index],
+                [s.request.params for s in row_seqs],
+                [s.generator for s in row_seqs],
+            )
+            if row_seqs
+            else []
+        )
+
+        # Fork before any sample can finish (and free) its parent: children share every block.
+        for seq in row_seqs:
+            req = seq.request
+            if not req.forked and seq.index > 0:
+                parent = req.seqs[0]
+                self.block_manager.fork(parent.seq_id, seq.seq_id)
+                seq.num_computed = seq.num_in_manager = parent.num_computed
+                seq.status = SeqStatus.RUNNING
+                self.scheduler.running.insert(self.scheduler.running.index(parent) + seq.index, seq)
+                m.forks += 1
+        touched: dict[str, Request] = {}
+        for seq, token in zip(row_seqs, tokens):
+            req = seq.request
+            req.forked = True
+            seq.token_ids.append(token)
+            touched[req.request_id] = req
+            out_len = len(seq.token_ids) - seq.prompt_len
+            if token in req.stop_ids:
+                self.scheduler.finish(seq, "stop")
+            elif out_len >= req.params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+                self.scheduler.finish(seq, "length")
+        t1 = time.perf_counter()
+
+        m.steps += 1
+        m.prefix_queried_tokens = self.scheduler.prefix_queried_tokens - self._prefix_base[0]
+        m.prefix_hit_tokens = self.scheduler.prefix_hit_tokens - self._prefix_base[1]
+        m.prefill_tokens += batch.num_prefill_tokens
+        m.decode_tokens += batch.num_decode_tokens
+        m.generated_tokens += len(tokens)
+        m.preemptions += len(batch.preempted)
+        m.cow_copies += int(batch.copies.shape[0])
+        m.forward_time += t1 - t0
+        running = self.scheduler.running
+        bs = self.block_size
+        m.record(
+            t=t1 - m.start,
+            blocks_in_use=self.block_manager.stats()["blocks_in_use"],
+            blocks_unshared=sum(-(-s.num_in_manager // bs) for s in running),
+            contiguous_tokens=sum(
+                min(s.prompt_len + s.request.params.max_new_tokens, self.max_model_len)
+                for s in running
+            ),
+        )
+        return list(touched.values())
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        if req.error is None:
+            for seq in req.seqs if req.forked else req.seqs[:1]:
+                toks = seq.output_token_ids
+                done = self._emitted.get(seq.seq_id, 0)
+                self._emitted[seq.seq_id] = len(toks)
+                text = (
+                    self.tokenizer.decode(toks, skip_special_tokens=True)
+                    if self.tokenizer is not None
+                    else None
+                )
+                outs.append(
+                    CompletionOutput(
+                        seq.index, list(toks), list(toks[done:]), seq.finish_reason, text
+                    )
+                )
+        if req.finished:
+            for seq in req.seqs:
+                self._emitted.pop(seq.seq_id, None)
+            self._metrics.num_finished += 1
+        return RequestOutput(
+            req.request_id,
+            list(req.prompt_token_ids),
+            outs,
+            req.finished,
+            req.error,
+            req.num_cached_tokens,
+        )
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="kv_paged", unit="req", dynamic_ncols=True)

@@ -1,0 +1,125 @@
+"""Per-run metrics of kv_paged.Engine and the KV-memory timeline the demo plots.
+
+Design decision: throughput follows vLLM's convention (tokens over the run's wall time, so prefill
+and decode rates add up to what a user sees), and the memory baseline is the contiguous
+reservation a max-length cache makes: each live sample reserves prompt + max_new_tokens slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineMetrics:
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int  # KV bytes of one block over every layer (K and V)
+    start: float
+    end: float | None = None
+    num_requests: int = 0
+    num_finished: int = 0
+    steps: int = 0
+    prefill_tokens: int = 0  # prompt (and recomputed) tokens run through the model
+    decode_tokens: int = 0  # decode rows run through the model
+    generated_tokens: int = 0  # tokens sampled (the first one of each sample comes from a prefill)
+    prefix_queried_tokens: int = 0  # tokens looked up in the prefix cache at admission
+    prefix_hit_tokens: int = 0  # of those, served from cached blocks
+    preemptions: int = 0
+    forks: int = 0
+    cow_copies: int = 0
+    forward_time: float = 0.0
+    # Timeline, one point per step: seconds since start, blocks referenced (paged + shared), blocks
+    # a paged cache without sharing would hold, and slots a contiguous max-length reservation holds.
+    t: list[float] = field(default_factory=list)
+    blocks_in_use: list[int] = field(default_factory=list)
+    blocks_unshared: list[int] = field(default_factory=list)
+    contiguous_tokens: list[int] = field(default_factory=list)
+
+    def record(
+        self, t: float, blocks_in_use: int, blocks_unshared: int, contiguous_tokens: int
+    ) -> None:
+        if blocks_in_use > self.num_blocks:
+            raise AssertionError(
+                f"blocks in use {blocks_in_use} exceed the pool of {self.num_blocks}"
+            )
+        self.t.append(t)
+        self.blocks_in_use.append(blocks_in_use)
+        self.blocks_unshared.append(blocks_unshared)
+        self.contiguous_tokens.append(contiguous_tokens)
+
+    @property
+    def elapsed(self) -> float:
+        return max(
+            (self.end if self.end is not None else (self.start + (self.t[-1] if self.t else 0.0)))
+            - self.start,
+            1e-9,
+        )
+
+    def summary(self) -> dict[str, float]:
+        peak = max(self.blocks_in_use, default=0)
+        peak_unshared = max(self.blocks_unshared, default=0)
+        peak_contig = max(self.contiguous_tokens, default=0) / self.block_size
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+        return {
+            "requests": self.num_finished,
+            "steps": self.steps,
+            "elapsed_s": self.elapsed,
+            "prefill_tokens": self.prefill_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_tok_per_s": self.prefill_tokens / self.elapsed,
+            "decode_tok_per_s": self.generated_tokens / self.elapsed,
+            "pool_blocks": self.num_blocks,
+            "peak_blocks_paged_shared": peak,
+            "peak_blocks_paged_unshared": peak_unshared,
+            "peak_blocks_contiguous": peak_contig,
+            "mean_blocks_paged_shared": mean(self.blocks_in_use),
+            "mean_blocks_contiguous": mean(self.contiguous_tokens) / self.block_size,
+            "prefix_hit_rate": self.prefix_hit_tokens / self.prefix_queried_tokens
+            if self.prefix_queried_tokens
+            else 0.0,
+            "preemptions": self.preemptions,
+            "forks": self.forks,
+            "cow_copies": self.cow_copies,
+        }
+
+    def table(self) -> str:
+        s = self.summary()
+        mib = self.bytes_per_block / 2**20
+        saved = (
+            1 - s["mean_blocks_paged_shared"] / s["mean_blocks_contiguous"]
+            if s["mean_blocks_contiguous"]
+            else 0.0
+        )
+        rows = [
+            ("requests finished", f"{s['requests']}"),
+            ("engine steps (forwards)", f"{s['steps']}"),
+            ("wall time", f"{s['elapsed_s']:.2f} s"),
+            ("prefill tokens computed", f"{s['prefill_tokens']:,}"),
+            ("tokens generated", f"{s['generated_tokens']:,}"),
+            ("prefill throughput", f"{s['prefill_tok_per_s']:,.0f} tok/s"),
+            ("decode throughput", f"{s['decode_tok_per_s']:,.0f} tok/s"),
+            (
+                "KV pool",
+                f"{self.num_blocks} blocks x {self.block_size} tokens ({self.num_blocks * mib:,.1f} MiB)",
+            ),
+            (
+                "peak KV blocks: paged + shared",
+                f"{s['peak_blocks_paged_shared']} ({s['peak_blocks_paged_shared'] * mib:,.1f} MiB)",
+            ),
+            ("peak KV blocks: paged, no sharing", f"{s['peak_blocks_paged_unshared']}"),
+            (
+                "peak KV: contiguous reservation",
+                f"{s['peak_blocks_contiguous']:,.1f} block-equivalents ({s['peak_blocks_contiguous'] * mib:,.1f} MiB)",
+            ),
+            ("mean KV saved vs contiguous", f"{100 * saved:.1f}%"),
+            (
+                "prefix-cache hit rate",
+                f"{100 * s['prefix_hit_rate']:.1f}% of {self.prefix_queried_tokens:,} admitted tokens",
+            ),
+            ("preemptions", f"{s['preemptions']}"),
+            ("forks (n > 1)", f"{s['forks']}"),
+            ("copy-on-write block copies", f"{s['cow_copies']}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

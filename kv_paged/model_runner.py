@@ -1,0 +1,104 @@
+"""The Engine's model forward: one packed varlen step through a HuggingFace model over the pool.
+
+Design decision: the step's tokens (prefill chunks and decode rows together) go in as input_ids
+[1, T] with explicit position_ids, the attention metadata is built once per step and handed to the
+"kv_paged" attention through the paged cache in engine mode, and logits are computed only for the
+rows that sample (logits_to_keep as an index tensor), so lm_head never sees prefill rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kv_paged.cache import AttentionMetadata, KVCachePool
+
+
+def kv_bytes_per_block(model, block_size: int) -> int:
+    """K + V bytes one block of block_size tokens takes over every layer of the model."""
+    from kv_paged.integrations import hf
+
+    spec = hf.kv_cache_spec(model)
+    itemsize = torch.empty((), dtype=spec["dtype"]).element_size()
+    return (
+        2
+        * block_size
+        * itemsize
+        * sum(h * d for h, d in zip(spec["num_kv_heads"], spec["head_dim"]))
+    )
+
+
+class ModelRunner:
+    """Owns the KV pools (sized like the engine's BlockManager); one packed forward per step.
+
+    model: a transformers causal LM; its attention is switched to "kv_paged" (hf integration).
+    """
+
+    def __init__(self, model, num_blocks: int, block_size: int) -> None:
+        from kv_paged.integrations import hf
+
+        spec = hf.kv_cache_spec(model)
+        self.model = model
+        self.device = spec["device"]
+        self.pool = KVCachePool(
+            num_layers=len(spec["num_kv_heads"]),
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=spec["num_kv_heads"],
+            head_dim=spec["head_dim"],
+            dtype=spec["dtype"],
+            device=self.device,
+        )
+        self.cache = hf.PagedCache.for_engine(model, self.pool)
+        hf.use_kv_paged_attention(model)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_chunks: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        copies: torch.Tensor,
+        sampling_rows: Sequence[int],
+    ) -> torch.Tensor:
+        """Logits of the sampling rows' last tokens.
+
+        token_chunks: B lists, the new tokens of each sequence; starts: B positions of their first.
+        slot_mapping: int64 [T]; block_tables: int32 [B, max_blocks]; copies: int64 [n, 2]
+        copy-on-write pairs applied to every layer before the forward; sampling_rows: which of the
+        B sequences need logits. Returns [len(sampling_rows), vocab].
+        """
+        self.pool.copy_blocks(copies)
+        q_lens = [len(c) for c in token_chunks]
+        kv_lens = [s + q for s, q in zip(starts, q_lens)]
+        ids = [t for c in token_chunks for t in c]
+        pos = [p for s, q in zip(starts, q_lens) for p in range(s, s + q)]
+        meta = AttentionMetadata.build(
+            query_lens=q_lens,
+            kv_lens=kv_lens,
+            block_tables=block_tables,
+            slot_mapping=slot_mapping,
+            device=self.device,
+        )
+        cu = [0]
+        for q in q_lens:
+            cu.append(cu[-1] + q)
+        last = torch.tensor(
+            [cu[i + 1] - 1 for i in sampling_rows], dtype=torch.int64, device=self.device
+        )
+        input_ids = torch.tensor([ids], dtype=torch.int64, device=self.device)  # [1, T]
+        position_ids = torch.tensor([pos], dtype=torch.int64, device=self.device)  # [1, T]
+        self.cache.set_step(meta)
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=last,
+            )
+        finally:
+            self.cache.set_step(None)
+        return out.logits[0]  # [len(sampling_rows), vocab]

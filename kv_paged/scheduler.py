@@ -1,0 +1,232 @@
+"""Continuous-batching scheduler of kv_paged.Engine: waiting / running queues over one BlockManager.
+
+Design decision: a sequence's tokens are prompt + output, and `num_computed` of them have their KV
+in the pool; every step computes a slice [num_computed, end) of each scheduled sequence (a prefill
+chunk, or the one newest token for a decode row), all packed into one forward. Preemption frees a
+sequence's blocks and resets num_computed to 0, so recompute is just a longer prefill (cheap with
+prefix caching) and the output cannot change.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_paged.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    arrival: int
+    stop_ids: frozenset[int]
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False  # n > 1: children exist once the prompt is computed
+    error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or (
+            self.forked and all(s.status is SeqStatus.FINISHED for s in self.seqs)
+        )
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: Request
+    index: int  # which of the request's n samples
+    token_ids: list[int]  # prompt + output
+    generator: torch.Generator
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0  # tokens whose KV is in the pool
+    num_in_manager: int = 0  # tokens the block manager holds slots for
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def is_decode(self) -> bool:
+        """The newest token (sampled last step) is the only one left; it has no slot yet."""
+        return (
+            self.num_in_manager == len(self.token_ids) - 1
+            and self.num_computed == self.num_in_manager
+        )
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # positions [start, end) are computed this step
+    end: int
+    slots: torch.Tensor  # int64 [end - start]
+
+    @property
+    def samples(self) -> bool:
+        return self.end == len(self.seq.token_ids)
+
+
+@dataclass
+class ScheduledBatch:
+    entries: list[ScheduledSeq]
+    copies: (
+        torch.Tensor
+    )  # int64 [n, 2] copy-on-write (src, dst) block pairs to apply before the forward
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    preempted: list[Sequence]
+
+
+class Scheduler:
+    """Admits, chunks and preempts sequences; the Engine runs the forward and samples."""
+
+    def __init__(
+        self, block_manager, max_num_seqs: int, max_num_batched_tokens: int, watermark: float = 0.01
+    ):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        # Blocks kept free at admission so fresh decodes do not immediately preempt (vLLM's watermark).
+        self.watermark_blocks = int(watermark * block_manager.num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last one is preempted first
+        self.num_preemptions = 0
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed = 0
+        seq.num_in_manager = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.bm.free(seq.seq_id)
+
+    def abort_request(self, request: Request) -> None:
+        for seq in request.seqs:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            if seq.status is not SeqStatus.FINISHED:
+                self.finish(seq, "abort")
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        entries: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        prefill = decode = 0
+        scheduled: set[int] = set()
+
+        # 1) Running sequences, oldest first: decode rows and the next chunk of unfinished prefills.
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted while making room for an older sequence
+            if seq.is_decode:
+                while not self.bm.can_append(seq.seq_id):
+                    victim = self.running[-1]
+                    assert victim.seq_id not in scheduled, (
+                        "victims are younger than every scheduled sequence"
+                    )
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    continue
+                slot = self.bm.append_slot(seq.seq_id, seq.token_ids[-1])
+                seq.num_in_manager += 1
+                pos = len(seq.token_ids) - 1
+                entries.append(
+                    ScheduledSeq(seq, pos, pos + 1, torch.tensor([slot], dtype=torch.int64))
+                )
+                decode += 1
+                budget -= 1
+            else:
+                chunk = min(len(seq.token_ids) - seq.num_computed, budget)
+                start = seq.num_computed
+                entries.append(
+                    ScheduledSeq(
+                        seq,
+                        start,
+                        start + chunk,
+                        self.bm.slot_mapping(seq.seq_id, start, start + chunk),
+                    )
+                )
+                prefill += chunk
+                budget -= chunk
+            scheduled.add(seq.seq_id)
+
+        # 2) Admit waiting sequences while blocks, sequence slots and token budget last; never right
+        # after a preemption (the pool is full, admitting would only thrash).
+        while self.waiting and budget > 0 and not preempted:
+            seq = self.waiting[0]
+            req = seq.request
+            width = req.params.n if not req.forked else 1
+            if len(self.running) + width > self.max_num_seqs and self.running:
+                break
+            num_tokens = len(seq.token_ids)
+            needed = -(-num_tokens // self.bm.block_size)
+            if not self.bm.can_allocate(num_tokens) or (
+                self.running and self.bm.num_free_blocks - needed < self.watermark_blocks
+            ):
+                break
+            self.waiting.popleft()
+            cached = self.bm.allocate(seq.seq_id, seq.token_ids)
+            self.prefix_queried_tokens += num_tokens
+            self.prefix_hit_tokens += cached
+            if seq.num_preemptions == 0 and seq.index == 0:
+                req.num_cached_tokens = cached
+            seq.num_computed = cached
+            seq.num_in_manager = num_tokens
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            chunk = min(num_tokens - cached, budget)
+            entries.append(
+                ScheduledSeq(
+                    seq,
+                    cached,
+                    cached + chunk,
+                    self.bm.slot_mapping(seq.seq_id, cached, cached + chunk),
+                )
+            )
+            prefill += chunk
+            budget -= chunk
+
+        copies = self.bm.take_copies()
+        return ScheduledBatch(entries, copies, prefill, decode, preempted)

@@ -1,0 +1,314 @@
+"""kv_paged.Engine end to end on a tiny random-weight Llama (float32, CPU).
+
+The reference for every output is transformers' own model.generate with eager attention, one prompt
+at a time; prompt lengths straddle block boundaries (1, block_size - 1, block_size, block_size + 1,
+...) and the token budget is small so prefills are chunked and mixed with decode rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from kv_paged.engine import Engine
+from kv_paged.sampling import SamplingParams
+
+BLOCK_SIZE = 8
+VOCAB = 96
+MAX_POS = 160
+PROMPT_LENS = [1, 7, 8, 9, 17, 30, 41]
+MAX_NEW = 10
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POS,
+        attn_implementation="eager",
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    # Larger weights than the init default so logits are far from uniform (fewer greedy near-ties).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def eager(model):
+    return copy.deepcopy(model)
+
+
+def prompts(seed: int, lens=PROMPT_LENS) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, VOCAB) for _ in range(n)] for n in lens]
+
+
+def hf_greedy(eager, prompt: list[int], max_new: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = eager.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def greedy(max_new: int = MAX_NEW, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new, temperature=0.0, **kw)
+
+
+def check_freed(engine: Engine) -> None:
+    engine.block_manager.check_invariants()
+    stats = engine.block_manager.stats()
+    assert stats["blocks_in_use"] == 0 and stats["num_seqs"] == 0, stats
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    assert not engine.has_unfinished()
+
+
+def test_greedy_equals_hf_generate_eager(model, eager):
+    ps = prompts(1)
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE, max_num_batched_tokens=20)
+    outs = engine.generate(ps, greedy(), use_tqdm=False)
+    assert [o.request_id for o in outs] == [str(i) for i in range(len(ps))]
+    for p, o in zip(ps, outs):
+        assert o.finished and o.error is None
+        assert o.outputs[0].finish_reason == "length"
+        assert o.token_ids == hf_greedy(eager, p, MAX_NEW), f"prompt of {len(p)} tokens"
+    check_freed(engine)
+
+
+def test_tiny_pool_preempts_and_matches_large_pool(model):
+    ps = prompts(2)
+    params = [
+        SamplingParams(max_new_tokens=MAX_NEW + i, temperature=1.0, top_k=20, seed=100 + i)
+        for i in range(len(ps))
+    ]
+    big = Engine(model, num_blocks=128, block_size=BLOCK_SIZE)
+    ref = big.generate(ps, params, use_tqdm=False)
+    assert big.metrics().preemptions == 0
+    # 8 blocks of 8 tokens: the longest request (41 + 16 tokens) needs all of them alone.
+    small = Engine(model, num_blocks=8, block_size=BLOCK_SIZE, max_num_batched_tokens=16)
+    got = small.generate(ps, params, use_tqdm=False)
+    assert small.metrics().preemptions > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert max(small.metrics().blocks_in_use) <= 8
+    check_freed(small)
+    check_freed(big)
+
+
+def test_without_prefix_caching_same_outputs(model):
+    ps = prompts(3)
+    shared = [list(range(1, 25)) + p for p in ps]  # a common 24-token prefix (3 full blocks)
+    a = Engine(model, num_blocks=128, block_size=BLOCK_SIZE, enable_prefix_caching=False)
+    b = Engine(model, num_blocks=128, block_size=BLOCK_SIZE, max_num_seqs=2)
+    ra = a.generate(shared, greedy(), use_tqdm=False)
+    rb = b.generate(shared, greedy(), use_tqdm=False)
+    assert [o.token_ids for o in ra] == [o.token_ids for o in rb]
+    assert a.metrics().prefix_hit_tokens == 0
+    # max_num_seqs=2: later requests are admitted after earlier ones computed the shared blocks.
+    assert b.metrics().prefix_hit_tokens >= 24 * (len(ps) - 2)
+    check_freed(b)
+
+
+def test_second_turn_reuses_first(model, eager):
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE)
+    turn1 = prompts(4, [29])[0]
+    out1 = engine.generate([turn1], greedy(), use_tqdm=False)[0]
+    turn2 = turn1 + out1.token_ids + [5, 6, 7]
+    out2 = engine.generate([turn2], greedy(), use_tqdm=False)[0]
+    # The KV of turn 1's prompt and all but its last reply token is computed: full blocks are hit.
+    assert out2.num_cached_tokens == (len(turn1) + MAX_NEW - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert out2.token_ids == hf_greedy(eager, turn2, MAX_NEW)
+    check_freed(engine)
+
+
+def test_parallel_sampling_shares_prompt_blocks(model):
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE)
+    prompt = prompts(5, [20])[0]  # 2 full blocks + a partial one of 4 tokens
+    n = 4
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=6, temperature=1.0, n=n, seed=7))
+    engine.step()  # prefill once, sample n first tokens, fork
+    bm = engine.block_manager
+    seqs = [s for s in engine.scheduler.running if s.request.request_id == rid]
+    assert len(seqs) == n
+    tables = [bm.block_table(s.seq_id) for s in seqs]
+    assert all(t == tables[0] for t in tables) and len(tables[0]) == 3
+    assert [bm.ref_count(b) for b in tables[0]] == [n, n, n]
+    assert bm.stats()["blocks_in_use"] == 3
+    engine.step()  # first decode: n - 1 copy-on-write copies of the shared partial block
+    assert engine.metrics().cow_copies == n - 1
+    assert bm.stats()["blocks_in_use"] == 2 + n
+    assert [bm.ref_count(b) for b in tables[0][:2]] == [n, n]
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.finished]
+    assert len(outs) == 1 and len(outs[0].outputs) == n
+    samples = [c.token_ids for c in outs[0].outputs]
+    assert all(len(s) == 6 for s in samples)
+    assert len({tuple(s) for s in samples}) > 1, "n samples with distinct generators should differ"
+    check_freed(engine)
+    # The same request in a fresh engine gives the same samples (seeded per sample, not per batch).
+    again = Engine(model, num_blocks=64, block_size=BLOCK_SIZE).generate(
+        [prompt, prompts(6, [13])[0]],
+        SamplingParams(max_new_tokens=6, temperature=1.0, n=n, seed=7),
+        use_tqdm=False,
+    )[0]
+    assert [c.token_ids for c in again.outputs] == samples
+
+
+def test_greedy_n_samples_equal_single(model):
+    ps = prompts(8, [9, 16])
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE)
+    many = engine.generate(ps, greedy(n=3), use_tqdm=False)
+    one = engine.generate(ps, greedy(), use_tqdm=False)
+    for m, o in zip(many, one):
+        assert [c.token_ids for c in m.outputs] == [o.token_ids] * 3
+
+
+def test_impossible_request_fails_alone(model, eager):
+    ps = prompts(9, [12, 60, 5, 155])
+    params = [greedy(), greedy(max_new=20), greedy(), greedy()]
+    engine = Engine(model, num_blocks=8, block_size=BLOCK_SIZE)  # 64 tokens of KV in all
+    outs = engine.generate(ps, params, use_tqdm=False)
+    assert outs[1].error is not None and "pool" in outs[1].error and outs[1].outputs == []
+    assert outs[3].error is not None and "max_position_embeddings" in outs[3].error
+    for i in (0, 2):
+        assert outs[i].error is None
+        assert outs[i].token_ids == hf_greedy(eager, ps[i], MAX_NEW)
+    check_freed(engine)
+
+
+def test_stop_tokens_and_streaming(model):
+    p = prompts(10, [11])[0]
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE)
+    full = engine.generate([p], greedy(max_new=12), use_tqdm=False)[0].token_ids
+    stop = full[4]
+    first = full.index(stop)
+    engine.add_request(p, greedy(max_new=12, stop_token_ids=[stop]), request_id="s")
+    streamed, last = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            streamed += out.outputs[0].new_token_ids
+            last = out
+    assert last.finished and last.outputs[0].finish_reason == "stop"
+    assert streamed == last.token_ids == full[: first + 1]
+    check_freed(engine)
+
+
+def test_abort_frees_and_reports(model):
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE)
+    keep = engine.add_request(prompts(12, [10])[0], greedy(max_new=8))
+    gone = engine.add_request(prompts(13, [21])[0], SamplingParams(max_new_tokens=50, n=2, seed=1))
+    engine.step()
+    engine.step()
+    engine.abort(gone)
+    finished = {}
+    while engine.has_unfinished():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finished[gone].finished and {c.finish_reason for c in finished[gone].outputs} == {
+        "abort"
+    }
+    assert len(finished[keep].token_ids) == 8
+    check_freed(engine)
+
+
+def test_metrics_add_up(model):
+    ps = prompts(11, [5, 23, 40, 9, 33, 16])
+    engine = Engine(model, num_blocks=12, block_size=BLOCK_SIZE, max_num_batched_tokens=24)
+    outs = engine.generate(ps, greedy(), use_tqdm=False)
+    m = engine.metrics()
+    s = m.summary()
+    assert s["requests"] == len(ps)
+    assert m.generated_tokens == sum(len(o.token_ids) for o in outs)
+    # Every token fed to the model is a prefill token or a decode row; recomputes add prefill.
+    assert (
+        m.prefill_tokens + m.decode_tokens
+        >= sum(map(len, ps)) + m.generated_tokens - len(ps) - m.prefix_hit_tokens
+    )
+    assert m.decode_tokens == m.generated_tokens - len(ps)
+    assert max(m.blocks_in_use) <= engine.num_blocks
+    assert all(u >= 0 for u in m.blocks_in_use) and len(m.t) == m.steps
+    assert m.prefix_hit_tokens <= m.prefix_queried_tokens
+    assert "prefix-cache hit rate" in m.table()
+    check_freed(engine)
+
+
+def test_bad_arguments_raise_clearly(model):
+    with pytest.raises(ValueError, match="block_size"):
+        Engine(model, num_blocks=8, block_size=0)
+    with pytest.raises(ValueError, match="num_blocks or kv_memory"):
+        Engine(model, num_blocks=8, kv_memory=1 << 20)
+    engine = Engine(model, num_blocks=8, block_size=BLOCK_SIZE)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([])
+    with pytest.raises(ValueError, match="vocab_size"):
+        engine.add_request([1, VOCAB])
+    with pytest.raises(TypeError, match="tokenizer"):
+        engine.add_request("hello")
+    engine.add_request([1, 2], request_id="x")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request([1, 2], request_id="x")
+    for kw in (
+        dict(max_new_tokens=0),
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(n=0),
+        dict(top_k=-2),
+        dict(stop_token_ids=[-1]),
+    ):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            SamplingParams(**kw)
+    while engine.has_unfinished():
+        engine.step()
+    check_freed(engine)
+
+
+def test_kv_memory_sizes_the_pool(model):
+    engine = Engine(model, kv_memory=40 * 1024, block_size=BLOCK_SIZE)
+    # 2 layers x (K + V) x 8 tokens x 2 kv heads x 16 dims x 4 bytes = 4 KiB per block.
+    assert engine.bytes_per_block == 2 * 2 * BLOCK_SIZE * 2 * 16 * 4
+    assert engine.num_blocks == 10
+
+
+class CharTokenizer:
+    """A stand-in for a transformers tokenizer: one token per character (ids 1..VOCAB-1)."""
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [1 + ord(c) % (VOCAB - 1) for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(0x41 + i % 26) for i in ids)
+
+
+def test_string_prompts_with_a_tokenizer(model, eager):
+    tok = CharTokenizer()
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE, tokenizer=tok)
+    out = engine.generate(["hello paged world"], greedy(), use_tqdm=False)[0]
+    ids = tok("hello paged world")["input_ids"]
+    assert out.prompt_token_ids == ids
+    assert out.token_ids == hf_greedy(eager, ids, MAX_NEW)
+    assert out.outputs[0].text == tok.decode(out.token_ids)
