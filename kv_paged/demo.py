@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--out", default="benchmarks/results/demo_kv_memory.png", help="where the PNG goes"
+        "--out",
+        default="kv_paged_demo.png",
+        help="where the PNG goes (benchmarks/results/demo_kv_memory.png is a recorded run)",
     )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
