@@ -11,3 +11,4 @@ _C = _load_extension()
 with_cuda: bool = bool(getattr(_C, "with_cuda", False))
 
 __version__ = "0.1.0"
+from kv_paged import ops  # noqa: E402,F401  (registers the fake implementations)

@@ -2,7 +2,8 @@
 // that names the offending argument, then fills the torch-free params struct the kernels take.
 // Metadata checks (dtype, device, rank, shape) run on every device. Value checks that read index
 // tensors (block ids, slots, cu_seqlens order) run on CPU only; CUDA trusts the values for speed and
-// checks them on-device under KV_PAGED_DEBUG=1.
+// checks them on-device under KV_PAGED_DEBUG=1 (the check_*_values functions copy CUDA tensors to the
+// host, so they may also be called there explicitly, at the price of a synchronisation).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,27 +15,45 @@ namespace kv_paged {
 // k_cache / v_cache: [num_blocks, block_size, num_kv_heads, head_dim], head_dim contiguous.
 CacheLayout cache_layout(const at::Tensor& cache, const char* name);
 
+// key, value: [num_tokens, num_kv_heads, head_dim] (any strides but head_dim's); slot_mapping: int64
+// [num_tokens]. Everything on one device; key/value/caches of one dtype.
 ReshapeAndCacheParams make_reshape_and_cache_params(const at::Tensor& key, const at::Tensor& value,
                                                     const at::Tensor& k_cache,
                                                     const at::Tensor& v_cache,
                                                     const at::Tensor& slot_mapping);
 
-// `out` must already be allocated like query ([total_q, num_heads, head_dim]).
+// `out` must already be allocated like query ([total_q, num_heads, head_dim], contiguous).
 PagedAttentionParams make_paged_attention_params(
     const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv,
     double scale, bool causal, int64_t sliding_window, double softcap, const at::Tensor& out);
 
+// `out` must already be allocated like q ([total_q, num_heads, head_dim], contiguous).
 FlashAttentionParams make_flash_attention_params(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     bool causal, int64_t sliding_window, double softcap, const at::Tensor& out);
 
-// Value checks (CPU tensors, or after an explicit copy): raise naming the argument.
+// k_caches[i], v_caches[i]: one layer's pools (same shape, dtype, device for every tensor);
+// block_mapping: int64 [n, 2]. Metadata only; pair values via check_block_mapping.
+void check_copy_blocks_args(at::TensorList k_caches, at::TensorList v_caches,
+                            const at::Tensor& block_mapping);
+
+// src, dst: [num_blocks, ...] pools with equal block shape and dtype, on any devices;
+// block_mapping: int64 [n, 2] on the CPU. Metadata only.
+void check_swap_blocks_args(const at::Tensor& src, const at::Tensor& dst,
+                            const at::Tensor& block_mapping);
+
+// Value checks: raise naming the argument. They read CUDA tensors through a host copy.
 void check_slot_mapping_values(const at::Tensor& slot_mapping, int64_t num_slots);
 void check_paged_attention_values(const PagedAttentionParams& p, const at::Tensor& block_tables,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv);
+void check_flash_attention_values(const FlashAttentionParams& p, const at::Tensor& cu_seqlens_q,
+                                  const at::Tensor& cu_seqlens_k);
+// Every src in [0, src_num_blocks), every dst in [0, dst_num_blocks), destinations distinct and,
+// when same_pool (copy_blocks), never also a source: so the pairs may be applied in any order (or
+// in parallel). check_values = false checks only dtype/rank.
 void check_block_mapping(const at::Tensor& block_mapping, int64_t src_num_blocks,
-                         int64_t dst_num_blocks, bool check_values);
+                         int64_t dst_num_blocks, bool check_values, bool same_pool = false);
 
 }  // namespace kv_paged

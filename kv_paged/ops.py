@@ -1,0 +1,168 @@
+"""Typed Python wrappers over torch.ops.kv_paged.* plus a fake (meta) implementation of each op,
+so the ops trace under torch.compile(fullgraph=True) and pass torch.library.opcheck.
+
+Conventions (shared with the CUDA kernels, see csrc/torch_bindings.cpp):
+  k_cache / v_cache: [num_blocks, block_size, num_kv_heads, head_dim], slot = block * block_size + offset.
+  Packed varlen: sequence i owns rows [cu_seqlens[i], cu_seqlens[i + 1]).
+  scale None -> 1 / sqrt(head_dim); sliding_window None or <= 0 -> off, else the query at kv position
+  p sees keys in (p - w, p]; softcap None or <= 0 -> off, else logits -> c * tanh(logits / c).
+dtypes: float32, float16, bfloat16 (fp32 accumulation inside).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["reshape_and_cache", "paged_attention", "flash_attention", "copy_blocks", "swap_blocks"]
+
+_ops = torch.ops.kv_paged
+
+
+def _scale(scale: float | None, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _window(sliding_window: int | None) -> int:
+    return 0 if sliding_window is None or sliding_window <= 0 else int(sliding_window)
+
+
+def _softcap(softcap: float | None) -> float:
+    return 0.0 if softcap is None or softcap <= 0 else float(softcap)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Writes new keys/values into the paged pools, in place.
+
+    key, value:   [num_tokens, num_kv_heads, head_dim] (any strides but a contiguous head_dim)
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], same dtype as key
+    slot_mapping: int64 [num_tokens]; token t goes to slot slot_mapping[t]; -1 skips the token.
+    """
+    _ops.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens_kv: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of packed queries against the paged KV cache: decode rows (one query per sequence)
+    and chunked-prefill rows (many) mixed in one call.
+
+    query:        [total_q, num_heads, head_dim]
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; num_heads % num_kv_heads == 0
+    block_tables: int32 [B, max_blocks]; entries past a sequence's last block are ignored (e.g. -1)
+    cu_seqlens_q: int32 [B + 1]; sequence i's queries are rows [cu_seqlens_q[i], cu_seqlens_q[i + 1])
+    seq_lens_kv:  int32 [B]; kv length including the new tokens (already written by reshape_and_cache)
+    returns:      [total_q, num_heads, head_dim], query's dtype, contiguous
+
+    Sequence i's q_len_i queries are its last q_len_i kv positions (bottom-right causal alignment);
+    q_len_i may be 0; q_len_i > seq_lens_kv[i] is an error. causal=False lets every query see all
+    seq_lens_kv[i] keys (the sliding window still bounds from the left).
+    """
+    return _ops.paged_attention(
+        query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv,
+        _scale(scale, query.shape[-1]), causal, _window(sliding_window), _softcap(softcap),
+    )
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Varlen attention over contiguous (not paged) q/k/v, tile by tile with an online softmax:
+    memory O(N), never the [q_len, k_len] score matrix.
+
+    q:            [total_q, num_heads, head_dim]
+    k, v:         [total_k, num_kv_heads, head_dim]; num_heads % num_kv_heads == 0
+    cu_seqlens_q, cu_seqlens_k: int32 [B + 1]
+    max_seqlen_q, max_seqlen_k: upper bounds of the per-sequence lengths
+    returns:      [total_q, num_heads, head_dim], q's dtype, contiguous
+
+    When q_len != k_len, causal alignment is bottom-right (FlashAttention 2): query i sits at kv
+    position k_len - q_len + i; a query row that sees no key outputs zeros.
+    """
+    return _ops.flash_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+        _scale(scale, q.shape[-1]), causal, _window(sliding_window), _softcap(softcap),
+    )
+
+
+def copy_blocks(
+    k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor], block_mapping: torch.Tensor
+) -> None:
+    """Copies block src -> dst in every layer's pools, in place (the block manager's copy-on-write).
+
+    k_caches, v_caches: one [num_blocks, block_size, num_kv_heads, head_dim] tensor per layer
+    block_mapping: int64 [n, 2] of (src, dst) block ids; destinations distinct and not sources.
+    """
+    _ops.copy_blocks(list(k_caches), list(v_caches), block_mapping)
+
+
+def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """Copies whole blocks between two pools that may live on different devices (offload), in place.
+
+    src: [num_src_blocks, *block_shape]; dst: [num_dst_blocks, *block_shape], same dtype
+    block_mapping: int64 [n, 2] of (src_block, dst_block), on the CPU; destinations distinct.
+    """
+    _ops.swap_blocks(src, dst, block_mapping)
+
+
+# ---- fake implementations: shapes only, for FakeTensor tracing / torch.compile -----------------
+
+
+@torch.library.register_fake("kv_paged::reshape_and_cache")
+def _reshape_and_cache_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
+    return None
+
+
+@torch.library.register_fake("kv_paged::paged_attention")
+def _paged_attention_fake(
+    query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv, scale, causal, sliding_window, softcap
+) -> torch.Tensor:
+    torch._check(query.dim() == 3, lambda: "query: expected [total_q, num_heads, head_dim]")
+    return query.new_empty(query.shape)
+
+
+@torch.library.register_fake("kv_paged::flash_attention")
+def _flash_attention_fake(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, sliding_window, softcap
+) -> torch.Tensor:
+    torch._check(q.dim() == 3, lambda: "q: expected [total_q, num_heads, head_dim]")
+    return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("kv_paged::copy_blocks")
+def _copy_blocks_fake(k_caches, v_caches, block_mapping) -> None:
+    return None
+
+
+@torch.library.register_fake("kv_paged::swap_blocks")
+def _swap_blocks_fake(src, dst, block_mapping) -> None:
+    return None
