@@ -82,10 +82,6 @@ class ErrorSink {
         TORCH_CHECK(false, op, ": cu_seqlens_k[", e[1], "] = ", e[3],
                     " breaks 0 = cu_seqlens_k[0] <= ... <= cu_seqlens_k[-1] = total_k "
                     "(KV_PAGED_DEBUG check)");
-      case cuda::kBadSeqLenK:
-        TORCH_CHECK(false, op, ": sequence ", e[1], " has ", e[2], " queries but only ", e[3],
-                    " keys; causal attention aligns queries to the last keys, so q_len <= k_len "
-                    "(KV_PAGED_DEBUG check)");
       default: TORCH_CHECK(false, op, ": unknown device error code ", e[0]);
     }
   }

@@ -122,7 +122,6 @@ enum ErrorCode : int64_t {
   kBadSeqLenKv = 4,     // seq_lens_kv[index0] = value is < q_len or > what the block table holds
   kBadCuSeqlensQ = 5,   // cu_seqlens_q[index0] = value breaks 0 <= ... <= total_q, non-decreasing
   kBadCuSeqlensK = 6,   // cu_seqlens_k[index0] = value breaks 0 <= ... <= total_k, non-decreasing
-  kBadSeqLenK = 7,      // sequence index0 has q_len index1 > its k length value (bottom-right causal)
 };
 
 __device__ __forceinline__ void report_error(int64_t* sink, int64_t code, int64_t i0, int64_t i1,
