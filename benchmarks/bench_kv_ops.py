@@ -65,7 +65,9 @@ def bench_reshape_and_cache(args, ops):
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     k_cache.zero_(), v_cache.zero_()
     BACKENDS["kv_paged"]()
-    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), "reshape_and_cache disagrees"
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), (
+        "reshape_and_cache disagrees"
+    )
     moved = 2 * 2 * key.numel() * key.element_size()  # K and V, read + write
     return f"reshape_and_cache T={T} H={H} D={D}", moved, BACKENDS
 
@@ -132,11 +134,15 @@ def main() -> None:
         times = {name: time_ms(fn, args.warmup, args.iters) for name, fn in backends.items()}
         for name, ms in times.items():
             gbps = moved / ms / 1e6
-            lines.append(f"| {label} | {moved / 1e6:.1f} | {name} | {ms * 1e3:.1f} | {gbps:.0f} | "
-                         f"{gbps / ceiling:.0%} | {times['torch indexing'] / ms:.2f}x |")
+            lines.append(
+                f"| {label} | {moved / 1e6:.1f} | {name} | {ms * 1e3:.1f} | {gbps:.0f} | "
+                f"{gbps / ceiling:.0%} | {times['torch indexing'] / ms:.2f}x |"
+            )
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    path = args.out or os.path.join(os.path.dirname(__file__), "results", f"kv_ops_{dev.replace(' ', '_')}.md")
+    path = args.out or os.path.join(
+        os.path.dirname(__file__), "results", f"kv_ops_{dev.replace(' ', '_')}.md"
+    )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)

@@ -56,9 +56,10 @@ def sdpa_backends():
 
 def make_backends(args):
     """BACKENDS: name -> builder(q, k, v, causal) returning a zero-argument callable."""
+    from torch.nn.attention import sdpa_kernel
+
     import kv_paged  # noqa: F401
     from kv_paged import ops
-    from torch.nn.attention import sdpa_kernel
 
     def flash(q, k, v, causal):
         B, H, N, D = q.shape
@@ -74,7 +75,9 @@ def make_backends(args):
         tables = perm.view(B, nblk)
         k_cache = torch.empty(B * nblk, bs, H, D, device="cuda", dtype=q.dtype)
         v_cache = torch.empty_like(k_cache)
-        slots = (tables.long()[:, :, None] * bs + torch.arange(bs, device="cuda")).reshape(B, -1)[:, :N]
+        slots = (tables.long()[:, :, None] * bs + torch.arange(bs, device="cuda")).reshape(B, -1)[
+            :, :N
+        ]
         k_cache.view(-1, H, D)[slots.reshape(-1)] = k.transpose(1, 2).reshape(B * N, H, D)
         v_cache.view(-1, H, D)[slots.reshape(-1)] = v.transpose(1, 2).reshape(B * N, H, D)
         qp = q.transpose(1, 2).reshape(B * N, H, D).contiguous()
@@ -86,7 +89,9 @@ def make_backends(args):
         def build(q, k, v, causal):
             def run():
                 with sdpa_kernel(backend):
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=causal
+                    )
 
             return run
 
@@ -107,11 +112,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--head-dims", default="64,128,256")
     parser.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens in flight (batch * seqlen)")
+    parser.add_argument(
+        "--tokens", type=int, default=16384, help="tokens in flight (batch * seqlen)"
+    )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--out", default=None, help="results file (default benchmarks/results/prefill_<gpu>.md)")
+    parser.add_argument(
+        "--out", default=None, help="results file (default benchmarks/results/prefill_<gpu>.md)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_prefill.py measures CUDA kernels and needs a CUDA device; none is visible.")
@@ -134,7 +143,9 @@ def main() -> None:
         for N in (int(x) for x in args.seqlens.split(",")):
             B = max(1, args.tokens // N)
             for causal in (False, True):
-                q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                q, k, v = (
+                    torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)
+                )
                 flops = 4 * B * H * N * N * D / (2 if causal else 1)
                 ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
                 results = {}
@@ -149,18 +160,23 @@ def main() -> None:
                         results[name] = time_ms(fn, args.warmup, args.iters)
                     except RuntimeError as e:  # a backend that does not support the shape
                         print(f"{name} D={D} N={N} causal={causal}: skipped ({e})", file=sys.stderr)
-                sdpa_ms = min((ms for n, ms in results.items() if n.startswith("sdpa")), default=None)
+                sdpa_ms = min(
+                    (ms for n, ms in results.items() if n.startswith("sdpa")), default=None
+                )
                 for name, ms in results.items():
                     tf = flops / ms / 1e9
                     ratio = f"{sdpa_ms / ms:.2f}x" if sdpa_ms else "-"
-                    lines.append(f"| {D} | {N} | {B} | {causal} | {name} | {ms:.3f} | {tf:.0f} | {ratio} | {tf / mm:.0%} |")
+                    lines.append(
+                        f"| {D} | {N} | {B} | {causal} | {name} | {ms:.3f} | {tf:.0f} | {ratio} | {tf / mm:.0%} |"
+                    )
                 print(lines[-1], flush=True)
                 del q, k, v, ref
                 torch.cuda.empty_cache()
     text = "\n".join(lines) + "\n"
     print(text)
-    path = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                    f"prefill_{dev.replace(' ', '_')}.md")
+    path = args.out or os.path.join(
+        os.path.dirname(__file__), "results", f"prefill_{dev.replace(' ', '_')}.md"
+    )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)

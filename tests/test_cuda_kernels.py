@@ -25,7 +25,9 @@ from kv_paged import ops
 from tests.conftest import assert_close_to_reference, make_paged_batch, max_err, randn
 from tests.reference import dense_attention, flash_attention_reference, paged_attention_reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels need a CUDA device")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA kernels need a CUDA device"
+)
 
 DEV = "cuda"
 LOW = [torch.float16, torch.bfloat16]
@@ -63,11 +65,22 @@ def fast_paged_batch(seq_lens, q_lens, H, Hkv, D, bs, dtype, gen, *, num_blocks=
         else:
             pos = torch.arange(n)
             slots = (ids[pos // bs] * bs + pos % bs).to(DEV)
-            k_cache.view(-1, Hkv, D)[slots] = torch.randn(n, Hkv, D, generator=gen).to(dtype).to(DEV)
-            v_cache.view(-1, Hkv, D)[slots] = torch.randn(n, Hkv, D, generator=gen).to(dtype).to(DEV)
+            k_cache.view(-1, Hkv, D)[slots] = (
+                torch.randn(n, Hkv, D, generator=gen).to(dtype).to(DEV)
+            )
+            v_cache.view(-1, Hkv, D)[slots] = (
+                torch.randn(n, Hkv, D, generator=gen).to(dtype).to(DEV)
+            )
     query = randn((sum(q_lens), H, D), dtype, gen, DEV, pad_last=8)
     cu = torch.tensor([0] + [sum(q_lens[: i + 1]) for i in range(len(q_lens))], dtype=torch.int32)
-    return query, k_cache, v_cache, tables.to(DEV), cu.to(DEV), torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    return (
+        query,
+        k_cache,
+        v_cache,
+        tables.to(DEV),
+        cu.to(DEV),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEV),
+    )
 
 
 def chunked_dense(q, k, v, *, scale, causal, sliding_window, softcap, dtype, chunk=2048):
@@ -91,7 +104,9 @@ def chunked_dense(q, k, v, *, scale, causal, sliding_window, softcap, dtype, chu
         logits = (q[a:b].to(dtype).transpose(0, 1) @ kd.transpose(1, 2)) * scale
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0)
+        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(
+            ~mask, 0
+        )
         o = (probs @ vd).transpose(0, 1)
         out[a:b] = torch.where(mask.any(1)[:, None, None], o, torch.zeros_like(o))
     return out
@@ -107,7 +122,9 @@ def check_long(out, ref64, ref_low):
 
 def paged_reference_check(query, k_cache, v_cache, tables, cu, lens, out, **kw):
     ref64 = paged_attention_reference(query, k_cache, v_cache, tables, cu, lens, **kw)
-    low = paged_attention_reference(query, k_cache, v_cache, tables, cu, lens, dtype=query.dtype, **kw)
+    low = paged_attention_reference(
+        query, k_cache, v_cache, tables, cu, lens, dtype=query.dtype, **kw
+    )
     assert_close_to_reference(out, ref64, low)
 
 
@@ -161,8 +178,12 @@ def test_copy_blocks_all_layers(mapping_device, dtype, gen):
 @pytest.mark.parametrize("direction", ["d2h_pinned", "d2h", "h2d_pinned", "d2d"])
 def test_swap_blocks(direction, gen):
     nb, shape = 40, (16, 2, 64)
-    src_dev, dst_dev = {"d2h_pinned": (DEV, "cpu"), "d2h": (DEV, "cpu"), "h2d_pinned": ("cpu", DEV),
-                        "d2d": (DEV, DEV)}[direction]
+    src_dev, dst_dev = {
+        "d2h_pinned": (DEV, "cpu"),
+        "d2h": (DEV, "cpu"),
+        "h2d_pinned": ("cpu", DEV),
+        "d2d": (DEV, DEV),
+    }[direction]
     pin = direction.endswith("pinned")
     src = torch.randn(nb, *shape, generator=gen).to(torch.bfloat16).to(src_dev)
     dst = torch.zeros(nb, *shape, dtype=torch.bfloat16, device=dst_dev)
@@ -185,7 +206,7 @@ DECODE_CASES = [  # (dtype, head_dim, num_heads, num_kv_heads, block_size)
     (torch.bfloat16, 128, 32, 8, 16),
     (torch.float16, 64, 8, 8, 32),
     (torch.float32, 256, 8, 2, 16),
-    (torch.bfloat16, 80, 24, 1, 16),   # group 24 > 16 rows per pass; padded head_dim
+    (torch.bfloat16, 80, 24, 1, 16),  # group 24 > 16 rows per pass; padded head_dim
     (torch.float16, 256, 16, 1, 128),
     (torch.float32, 96, 6, 3, 8),
 ]
@@ -196,11 +217,32 @@ def test_paged_decode_route(dtype, D, H, Hkv, bs, gen):
     """total_q == num_seqs -> split-KV kernel, including a 0-query and a 2-query sequence."""
     lens, q_lens = [1, 517, 33, 2048, 0, 77], [1, 1, 2, 1, 0, 1]
     b = make_paged_batch(lens, q_lens, H, Hkv, D, bs, dtype, DEV, gen)
-    for kw in [dict(causal=True), dict(causal=True, sliding_window=100, softcap=20.0), dict(causal=False)]:
-        out = ops.paged_attention(b.query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q,
-                                  b.seq_lens_kv, scale=D**-0.5, **kw)
-        paged_reference_check(b.query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q,
-                              b.seq_lens_kv, out, scale=D**-0.5, **kw)
+    for kw in [
+        {"causal": True},
+        {"causal": True, "sliding_window": 100, "softcap": 20.0},
+        {"causal": False},
+    ]:
+        out = ops.paged_attention(
+            b.query,
+            b.k_cache,
+            b.v_cache,
+            b.block_tables,
+            b.cu_seqlens_q,
+            b.seq_lens_kv,
+            scale=D**-0.5,
+            **kw,
+        )
+        paged_reference_check(
+            b.query,
+            b.k_cache,
+            b.v_cache,
+            b.block_tables,
+            b.cu_seqlens_q,
+            b.seq_lens_kv,
+            out,
+            scale=D**-0.5,
+            **kw,
+        )
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -211,19 +253,45 @@ def test_paged_prefill_route(dtype, D, H, Hkv, bs, kv_fused, gen):
     tensor-core kernel through the block table; chunk lengths are no multiple of 64."""
     lens, q_lens = [130, 1, 700, 0, 65], [130, 1, 97, 0, 3]
     b = make_paged_batch(lens, q_lens, H, Hkv, D, bs, dtype, DEV, gen, kv_fused=kv_fused)
-    for kw in [dict(causal=True), dict(causal=True, sliding_window=50), dict(causal=False, softcap=10.0)]:
-        out = ops.paged_attention(b.query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q,
-                                  b.seq_lens_kv, scale=D**-0.5, **kw)
-        paged_reference_check(b.query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q,
-                              b.seq_lens_kv, out, scale=D**-0.5, **kw)
+    for kw in [
+        {"causal": True},
+        {"causal": True, "sliding_window": 50},
+        {"causal": False, "softcap": 10.0},
+    ]:
+        out = ops.paged_attention(
+            b.query,
+            b.k_cache,
+            b.v_cache,
+            b.block_tables,
+            b.cu_seqlens_q,
+            b.seq_lens_kv,
+            scale=D**-0.5,
+            **kw,
+        )
+        paged_reference_check(
+            b.query,
+            b.k_cache,
+            b.v_cache,
+            b.block_tables,
+            b.cu_seqlens_q,
+            b.seq_lens_kv,
+            out,
+            scale=D**-0.5,
+            **kw,
+        )
 
 
 def test_chunked_reference_matches_reference(gen):
     q = randn((70, 4, 32), torch.float32, gen)
     k, v = randn((90, 2, 32), torch.float32, gen), randn((90, 2, 32), torch.float32, gen)
-    for kw in [dict(causal=True, sliding_window=9, softcap=5.0), dict(causal=False, sliding_window=None, softcap=None)]:
+    for kw in [
+        {"causal": True, "sliding_window": 9, "softcap": 5.0},
+        {"causal": False, "sliding_window": None, "softcap": None},
+    ]:
         ref = dense_attention(q, k, v, scale=0.3, **kw)
-        mine = chunked_dense(q.to(DEV), k.to(DEV), v.to(DEV), scale=0.3, dtype=torch.float64, chunk=16, **kw)
+        mine = chunked_dense(
+            q.to(DEV), k.to(DEV), v.to(DEV), scale=0.3, dtype=torch.float64, chunk=16, **kw
+        )
         assert max_err(mine, ref) < 1e-12
 
 
@@ -232,15 +300,16 @@ def test_paged_decode_32k_large_pool(repeat, gen):
     """32k-token contexts in a 12,000-block pool, shuffled (optionally repeated) block ids."""
     H, Hkv, D, bs, dtype = 16, 2, 128, 16, torch.bfloat16
     lens = [32_768, 20_001, 5]
-    q, kc, vc, tables, cu, sl = fast_paged_batch(lens, [1, 1, 1], H, Hkv, D, bs, dtype, gen,
-                                                 num_blocks=12_000, repeat=repeat)
+    q, kc, vc, tables, cu, sl = fast_paged_batch(
+        lens, [1, 1, 1], H, Hkv, D, bs, dtype, gen, num_blocks=12_000, repeat=repeat
+    )
     out = ops.paged_attention(q, kc, vc, tables, cu, sl, scale=D**-0.5, sliding_window=None)
     tables_cpu = tables.cpu()
     for i, n in enumerate(lens):
         nblk = math.ceil(n / bs)
         k = kc[tables_cpu[i, :nblk].long().to(DEV)].reshape(-1, Hkv, D)[:n]
         v = vc[tables_cpu[i, :nblk].long().to(DEV)].reshape(-1, Hkv, D)[:n]
-        kw = dict(scale=D**-0.5, causal=True, sliding_window=None, softcap=None)
+        kw = {"scale": D**-0.5, "causal": True, "sliding_window": None, "softcap": None}
         ref64 = chunked_dense(q[i : i + 1], k, v, dtype=torch.float64, **kw)
         low = chunked_dense(q[i : i + 1], k, v, dtype=dtype, **kw)
         check_long(out[i : i + 1], ref64, low)
@@ -254,8 +323,12 @@ def test_paged_prefill_long_chunk_over_prefix(gen):
     nblk = math.ceil(12_000 / bs)
     k = kc[tables[0, :nblk].long()].reshape(-1, Hkv, D)[:12_000]
     v = vc[tables[0, :nblk].long()].reshape(-1, Hkv, D)[:12_000]
-    kw = dict(scale=D**-0.5, causal=True, sliding_window=None, softcap=None)
-    check_long(out, chunked_dense(q, k, v, dtype=torch.float64, **kw), chunked_dense(q, k, v, dtype=dtype, **kw))
+    kw = {"scale": D**-0.5, "causal": True, "sliding_window": None, "softcap": None}
+    check_long(
+        out,
+        chunked_dense(q, k, v, dtype=torch.float64, **kw),
+        chunked_dense(q, k, v, dtype=dtype, **kw),
+    )
 
 
 # ---- flash attention ---------------------------------------------------------------------------
@@ -265,15 +338,18 @@ FLASH_CASES = [  # (dtype, head_dim, num_heads, num_kv_heads)
     (torch.bfloat16, 128, 8, 2),
     (torch.float16, 64, 4, 4),
     (torch.bfloat16, 256, 4, 1),
-    (torch.float16, 36, 6, 2),    # 72-byte rows: the zero-padded copy path
-    (torch.bfloat16, 80, 2, 1),   # kernel head_dim 128, padded in shared memory
+    (torch.float16, 36, 6, 2),  # 72-byte rows: the zero-padded copy path
+    (torch.bfloat16, 80, 2, 1),  # kernel head_dim 128, padded in shared memory
     (torch.float32, 128, 4, 2),
     (torch.float32, 72, 2, 1),
 ]
 
 
 @pytest.mark.parametrize("dtype,D,H,Hkv", FLASH_CASES)
-@pytest.mark.parametrize("causal,window,softcap", [(True, None, None), (False, None, None), (True, 37, 15.0), (False, 37, None)])
+@pytest.mark.parametrize(
+    "causal,window,softcap",
+    [(True, None, None), (False, None, None), (True, 37, 15.0), (False, 37, None)],
+)
 def test_flash_attention_varlen(dtype, D, H, Hkv, causal, window, softcap, gen):
     """Empty sequences, q_len < k_len, q_len > k_len (rows seeing nothing -> 0), odd lengths."""
     q_lens, k_lens = [0, 1, 63, 65, 200, 17, 0], [5, 1, 63, 130, 200, 9, 0]
@@ -282,7 +358,7 @@ def test_flash_attention_varlen(dtype, D, H, Hkv, causal, window, softcap, gen):
     q = randn((sum(q_lens), H, D), dtype, gen, DEV, pad_last=8)
     k = randn((sum(k_lens), Hkv, D), dtype, gen, DEV)
     v = randn((sum(k_lens), Hkv, D), dtype, gen, DEV, pad_last=8)
-    kw = dict(scale=D**-0.5, causal=causal, sliding_window=window, softcap=softcap)
+    kw = {"scale": D**-0.5, "causal": causal, "sliding_window": window, "softcap": softcap}
     out = ops.flash_attention(q, k, v, cq.to(DEV), ck.to(DEV), max(q_lens), max(k_lens), **kw)
     ref64 = flash_attention_reference(q, k, v, cq, ck, **kw)
     low = flash_attention_reference(q, k, v, cq, ck, dtype=dtype, **kw)
@@ -296,9 +372,13 @@ def test_flash_attention_16k(D, gen):
     q = randn((n, H, D), dtype, gen, DEV)
     k, v = randn((n, Hkv, D), dtype, gen, DEV), randn((n, Hkv, D), dtype, gen, DEV)
     cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
-    kw = dict(scale=D**-0.5, causal=True, sliding_window=None, softcap=None)
+    kw = {"scale": D**-0.5, "causal": True, "sliding_window": None, "softcap": None}
     out = ops.flash_attention(q, k, v, cu, cu, n, n, **kw)
-    check_long(out, chunked_dense(q, k, v, dtype=torch.float64, **kw), chunked_dense(q, k, v, dtype=dtype, **kw))
+    check_long(
+        out,
+        chunked_dense(q, k, v, dtype=torch.float64, **kw),
+        chunked_dense(q, k, v, dtype=dtype, **kw),
+    )
 
 
 # ---- graphs, determinism, debug checks -----------------------------------------------------------
@@ -313,13 +393,17 @@ def test_cuda_graph_capture_and_replay(gen):
     new_k, new_v = randn((4, Hkv, D), dtype, gen, DEV), randn((4, Hkv, D), dtype, gen, DEV)
     tables = b.block_tables.cpu()
     seq_lens = b.seq_lens_kv.clone()
-    slots = torch.tensor([int(tables[i, (n - 1) // bs]) * bs + (n - 1) % bs for i, n in enumerate(lens)],
-                         dtype=torch.int64, device=DEV)
+    slots = torch.tensor(
+        [int(tables[i, (n - 1) // bs]) * bs + (n - 1) % bs for i, n in enumerate(lens)],
+        dtype=torch.int64,
+        device=DEV,
+    )
 
     def step():
         ops.reshape_and_cache(new_k, new_v, b.k_cache, b.v_cache, slots)
-        return ops.paged_attention(query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q,
-                                   seq_lens, scale=D**-0.5)
+        return ops.paged_attention(
+            query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, seq_lens, scale=D**-0.5
+        )
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -337,8 +421,19 @@ def test_cuda_graph_capture_and_replay(gen):
         torch.cuda.synchronize()
         expected = step()
         assert torch.equal(static_out, expected)
-        paged_reference_check(query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, seq_lens,
-                              static_out, scale=D**-0.5, causal=True, sliding_window=None, softcap=None)
+        paged_reference_check(
+            query,
+            b.k_cache,
+            b.v_cache,
+            b.block_tables,
+            b.cu_seqlens_q,
+            seq_lens,
+            static_out,
+            scale=D**-0.5,
+            causal=True,
+            sliding_window=None,
+            softcap=None,
+        )
 
 
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [1, 90, 5]])
@@ -372,7 +467,14 @@ except RuntimeError as e:
 
 def test_debug_checks_name_the_argument():
     env = dict(os.environ, KV_PAGED_DEBUG="1")
-    res = subprocess.run([sys.executable, "-c", DEBUG_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run(
+        [sys.executable, "-c", DEBUG_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert "block_tables[0][1] = 9" in res.stdout, res.stdout + res.stderr
     assert "slot_mapping[0] = 128" in res.stdout, res.stdout + res.stderr
