@@ -137,8 +137,17 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tenso
 # ---- fake implementations: shapes only, for FakeTensor tracing / torch.compile -----------------
 
 
+def _check_same_device(first: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        torch._check(
+            t.device == first.device,
+            lambda: f"{name}: expected a tensor on {first.device}, got {t.device}",  # noqa: B023
+        )
+
+
 @torch.library.register_fake("kv_paged::reshape_and_cache")
 def _reshape_and_cache_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
+    _check_same_device(key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     return None
 
 
@@ -147,6 +156,8 @@ def _paged_attention_fake(
     query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv, scale, causal, sliding_window, softcap
 ) -> torch.Tensor:
     torch._check(query.dim() == 3, lambda: "query: expected [total_q, num_heads, head_dim]")
+    _check_same_device(query, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                       cu_seqlens_q=cu_seqlens_q, seq_lens_kv=seq_lens_kv)
     return query.new_empty(query.shape)
 
 
@@ -155,6 +166,7 @@ def _flash_attention_fake(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, sliding_window, softcap
 ) -> torch.Tensor:
     torch._check(q.dim() == 3, lambda: "q: expected [total_q, num_heads, head_dim]")
+    _check_same_device(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return q.new_empty(q.shape)
 
 

@@ -31,22 +31,29 @@ inline RowSpan visible_span(int64_t pos, int64_t kv_len, bool causal, int64_t wi
   return s;
 }
 
-// Per-thread scratch, sized once per parallel range.
+// Per-thread scratch, sized once per parallel range. An item's rows are [heads][rows_per_head]:
+// row r belongs to the item's kv head r / rows_per_head.
 struct AttentionScratch {
-  int64_t head_dim = 0, tile = 0;
+  int64_t head_dim = 0, tile = 0, heads = 1;
   std::vector<float> q;       // [rows, head_dim] fp32, pre-scaled
   std::vector<float> acc;     // [rows, head_dim] fp32 output accumulator
   std::vector<float> scores;  // [rows, tile] logits, then probabilities
   std::vector<float> m, l;    // [rows] running max and sum
-  std::vector<float> kbuf, vbuf;  // [tile, head_dim] fp32 copies of low-precision K/V rows
+  std::vector<float> row;     // [head_dim] one K or V row converted to fp32 (stays in L1)
   std::vector<RowSpan> spans;     // [rows]
   std::vector<int64_t> row_lo, row_hi;  // [rows] the part of the current tile each row sees
 
-  AttentionScratch(int64_t max_rows, int64_t tile_, int64_t head_dim_)
-      : head_dim(head_dim_), tile(tile_), q(max_rows * head_dim_), acc(max_rows * head_dim_),
-        scores(max_rows * tile_), m(max_rows), l(max_rows), kbuf(tile_ * head_dim_),
-        vbuf(tile_ * head_dim_), spans(max_rows), row_lo(max_rows), row_hi(max_rows) {}
+  AttentionScratch(int64_t max_rows, int64_t tile_, int64_t head_dim_, int64_t heads_ = 1)
+      : head_dim(head_dim_), tile(tile_), heads(heads_), q(max_rows * head_dim_),
+        acc(max_rows * head_dim_), scores(max_rows * tile_), m(max_rows), l(max_rows),
+        row(head_dim_), spans(max_rows), row_lo(max_rows), row_hi(max_rows) {}
 };
+
+// Asks for the cache lines of `bytes` bytes ahead of use.
+inline void prefetch_bytes(const void* ptr, int64_t bytes) {
+  const char* p = static_cast<const char*>(ptr);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 1);
+}
 
 // Loads query row `src` (head_dim elements) into scratch row r as fp32 times scale.
 template <typename T>
@@ -56,12 +63,37 @@ inline void load_query_row(AttentionScratch& s, int64_t r, const T* src, float s
   scale_row(dst, scale, s.head_dim);
 }
 
-// Attends scratch rows [0, rows) (q and spans filled) and leaves the normalised output in
-// s.acc [rows, head_dim]; a row with no visible key gets zeros. fetch(j_begin, j_end, k_rows,
-// v_rows) must set k_rows[j - j_begin] / v_rows[j - j_begin] to the K / V row of kv position j.
+// The K/V row as the dot/axpy primitives read it: float and bfloat16 rows directly (bfloat16 is
+// widened in registers), float16 rows converted into `buf` once per row (F16C is not assumed
+// in the caller's code).
+template <typename T>
+inline auto as_operand(const T* row, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    load_row(row, buf, n);
+    return static_cast<const float*>(buf);
+  } else {
+    return row;
+  }
+}
+
+// Whether rows r .. r + 3 all see kv position j in the current tile.
+inline bool sees4(const AttentionScratch& s, int64_t r, int64_t j) {
+  for (int64_t i = r; i < r + 4; ++i) {
+    if (j < s.row_lo[i] || j >= s.row_hi[i]) return false;
+  }
+  return true;
+}
+
+// Attends scratch rows [0, s.heads * rows_per_head) (q and spans filled) and leaves the normalised
+// output in s.acc; a row with no visible key gets zeros. fetch(j_begin, j_end, k_rows, v_rows)
+// sets k_rows[j - j_begin] / v_rows[j - j_begin] to the K / V row of kv position j for the item's
+// first kv head; head hh's row is hh * k_head_stride (v_head_stride) further. K and V are walked
+// in memory order (position, then head), each row converted once and used by every query row of
+// its head, so a block of a decode item is one sequential read.
 template <typename T, typename Fetch>
-void attend_rows(AttentionScratch& s, int64_t rows, float softcap, Fetch&& fetch) {
-  const int64_t D = s.head_dim, tile = s.tile;
+void attend_rows(AttentionScratch& s, int64_t rows_per_head, float softcap, int64_t k_head_stride,
+                 int64_t v_head_stride, Fetch&& fetch) {
+  const int64_t D = s.head_dim, tile = s.tile, HG = s.heads, rows = HG * rows_per_head;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   int64_t lo_min = std::numeric_limits<int64_t>::max(), hi_max = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -73,38 +105,78 @@ void attend_rows(AttentionScratch& s, int64_t rows, float softcap, Fetch&& fetch
       hi_max = std::max(hi_max, s.spans[r].hi);
     }
   }
-  std::vector<const T*> k_src(tile), v_src(tile);
-  std::vector<const float*> k_rows(tile), v_rows(tile);
+  // Pointers of the tile being computed and of the next one, prefetched a tile ahead: the rows of
+  // one position are contiguous only within the item's heads, and blocks are scattered.
+  std::vector<const T*> k_src(tile), v_src(tile), k_next(tile), v_next(tile);
   const float inv_cap = softcap > 0 ? 1.f / softcap : 0.f;
+  const int64_t span_k = ((HG - 1) * k_head_stride + D) * static_cast<int64_t>(sizeof(T));
+  const int64_t span_v = ((HG - 1) * v_head_stride + D) * static_cast<int64_t>(sizeof(T));
+  float* row_buf = s.row.data();
+  // Long contiguous runs (many heads per item) are left to the hardware stream prefetcher.
+  const bool prefetch = span_k < 2048;
   if (hi_max == 0) lo_min = 0;  // no row sees anything: the loop below does not run
   // Tiles are aligned to multiples of `tile` (whole blocks for the paged caller); rows of the first
-  // tile that no query sees are neither fetched nor converted.
-  for (int64_t j0 = (lo_min / tile) * tile; j0 < hi_max; j0 += tile) {
+  // tile that no query sees are neither fetched nor read.
+  const int64_t first = (lo_min / tile) * tile;
+  if (first < hi_max) {
+    const int64_t jb = std::max(first, lo_min);
+    fetch(jb, std::min(first + tile, hi_max), k_next.data() + (jb - first), v_next.data() + (jb - first));
+  }
+  for (int64_t j0 = first; j0 < hi_max; j0 += tile) {
     const int64_t jb = std::max(j0, lo_min), j1 = std::min(j0 + tile, hi_max);
-    fetch(jb, j1, k_src.data() + (jb - j0), v_src.data() + (jb - j0));
-    if constexpr (std::is_same_v<T, float>) {
-      for (int64_t j = jb - j0; j < j1 - j0; ++j) k_rows[j] = k_src[j];
-    } else {
-      for (int64_t j = jb - j0; j < j1 - j0; ++j) {
-        load_row(k_src[j], s.kbuf.data() + j * D, D);
-        k_rows[j] = s.kbuf.data() + j * D;
+    k_src.swap(k_next);
+    v_src.swap(v_next);
+    if (j1 < hi_max) {
+      const int64_t n1 = std::min(j1 + tile, hi_max);
+      fetch(j1, n1, k_next.data(), v_next.data());
+      for (int64_t j = 0; prefetch && j < n1 - j1; ++j) {
+        prefetch_bytes(k_next[j], span_k);
+        prefetch_bytes(v_next[j], span_v);
       }
     }
-    // Logits, then the online-softmax update of m, l and the accumulator scale.
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t a = std::max(s.spans[r].lo, j0), b = std::min(s.spans[r].hi, j1);
-      s.row_lo[r] = a;
-      s.row_hi[r] = b;
-      if (a >= b) continue;
-      const float* q = s.q.data() + r * D;
-      float* sc = s.scores.data() + r * tile - j0;
-      float tile_max = kNegInf;
-      for (int64_t j = a; j < b; ++j) {
-        float x = dot(q, k_rows[j - j0], D);
-        if (softcap > 0) x = softcap * std::tanh(x * inv_cap);
-        sc[j] = x;
-        tile_max = std::max(tile_max, x);
+      s.row_lo[r] = std::max(s.spans[r].lo, j0);
+      s.row_hi[r] = std::min(s.spans[r].hi, j1);
+    }
+    // Logits in memory order of K.
+    for (int64_t j = jb; j < j1; ++j) {
+      for (int64_t hh = 0; hh < HG; ++hh) {
+        decltype(as_operand(k_src[0], row_buf, D)) k = nullptr;
+        const int64_t r_end = (hh + 1) * rows_per_head;
+        for (int64_t r = hh * rows_per_head; r < r_end;) {
+          if (j < s.row_lo[r] || j >= s.row_hi[r]) {
+            ++r;
+            continue;
+          }
+          if (k == nullptr) k = as_operand(k_src[j - j0] + hh * k_head_stride, row_buf, D);
+          int64_t n = 1;
+          if (r + 4 <= r_end && sees4(s, r, j)) {
+            const float* q4[4] = {s.q.data() + r * D, s.q.data() + (r + 1) * D,
+                                  s.q.data() + (r + 2) * D, s.q.data() + (r + 3) * D};
+            float x4[4];
+            dot4(q4, k, D, x4);
+            for (int64_t i = 0; i < 4; ++i) s.scores[(r + i) * tile + (j - j0)] = x4[i];
+            n = 4;
+          } else {
+            s.scores[r * tile + (j - j0)] = dot(s.q.data() + r * D, k, D);
+          }
+          if (softcap > 0) {
+            for (int64_t i = r; i < r + n; ++i) {
+              float& x = s.scores[i * tile + (j - j0)];
+              x = softcap * std::tanh(x * inv_cap);
+            }
+          }
+          r += n;
+        }
       }
+    }
+    // Online-softmax update of m, l and the accumulator scale, row by row.
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t a = s.row_lo[r] - j0, b = s.row_hi[r] - j0;
+      if (a >= b) continue;
+      float* sc = s.scores.data() + r * tile;
+      float tile_max = kNegInf;
+      for (int64_t j = a; j < b; ++j) tile_max = std::max(tile_max, sc[j]);
       const float m_new = std::max(s.m[r], tile_max);
       const float alpha = std::exp(s.m[r] - m_new);  // 0 on the first visible tile
       float sum = 0.f;
@@ -117,19 +189,31 @@ void attend_rows(AttentionScratch& s, int64_t rows, float softcap, Fetch&& fetch
       s.m[r] = m_new;
       if (alpha != 1.f) scale_row(s.acc.data() + r * D, alpha, D);
     }
-    // P @ V for the tile.
-    if constexpr (std::is_same_v<T, float>) {
-      for (int64_t j = jb - j0; j < j1 - j0; ++j) v_rows[j] = v_src[j];
-    } else {
-      for (int64_t j = jb - j0; j < j1 - j0; ++j) {
-        load_row(v_src[j], s.vbuf.data() + j * D, D);
-        v_rows[j] = s.vbuf.data() + j * D;
+    // P @ V in memory order of V.
+    for (int64_t j = jb; j < j1; ++j) {
+      for (int64_t hh = 0; hh < HG; ++hh) {
+        decltype(as_operand(v_src[0], row_buf, D)) v = nullptr;
+        const int64_t r_end = (hh + 1) * rows_per_head;
+        for (int64_t r = hh * rows_per_head; r < r_end;) {
+          if (j < s.row_lo[r] || j >= s.row_hi[r]) {
+            ++r;
+            continue;
+          }
+          if (v == nullptr) v = as_operand(v_src[j - j0] + hh * v_head_stride, row_buf, D);
+          if (r + 4 <= r_end && sees4(s, r, j)) {
+            float* y4[4] = {s.acc.data() + r * D, s.acc.data() + (r + 1) * D,
+                            s.acc.data() + (r + 2) * D, s.acc.data() + (r + 3) * D};
+            const float p4[4] = {s.scores[r * tile + (j - j0)], s.scores[(r + 1) * tile + (j - j0)],
+                                 s.scores[(r + 2) * tile + (j - j0)],
+                                 s.scores[(r + 3) * tile + (j - j0)]};
+            axpy4(y4, p4, v, D);
+            r += 4;
+          } else {
+            axpy(s.acc.data() + r * D, s.scores[r * tile + (j - j0)], v, D);
+            ++r;
+          }
+        }
       }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* p = s.scores.data() + r * tile - j0;
-      float* acc = s.acc.data() + r * D;
-      for (int64_t j = s.row_lo[r]; j < s.row_hi[r]; ++j) axpy(acc, p[j], v_rows[j - j0], D);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

@@ -87,6 +87,25 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// sum_i a[i] * float(b[i]) with b read as bfloat16 and widened in registers.
+inline float dot(const float* a, const c10::BFloat16* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef KV_PAGED_CPU_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i));
+    __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(w)), 16));
+    __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1)), 16));
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), lo, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), hi, acc1);
+  }
+  sum = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) sum += a[i] * static_cast<float>(b[i]);
+  return sum;
+}
+
 // y[0, n) += alpha * x[0, n)
 inline void axpy(float* y, float alpha, const float* x, int64_t n) {
   int64_t i = 0;
@@ -99,6 +118,20 @@ inline void axpy(float* y, float alpha, const float* x, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// y[0, n) += alpha * float(x[0, n)) with x read as bfloat16.
+inline void axpy(float* y, float alpha, const c10::BFloat16* x, int64_t n) {
+  int64_t i = 0;
+#ifdef KV_PAGED_CPU_AVX2
+  const __m256 a = _mm256_set1_ps(alpha);
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
+    __m256 xf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, xf, _mm256_loadu_ps(y + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += alpha * static_cast<float>(x[i]);
+}
+
 // y[0, n) *= alpha
 inline void scale_row(float* y, float alpha, int64_t n) {
   int64_t i = 0;
@@ -107,6 +140,60 @@ inline void scale_row(float* y, float alpha, int64_t n) {
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(a, _mm256_loadu_ps(y + i)));
 #endif
   for (; i < n; ++i) y[i] *= alpha;
+}
+
+// Four query rows against one K row (out[i] = sum q[i][.] * k[.]) and one V row into four
+// accumulators (y[i] += p[i] * v): the K/V row is loaded (and widened) once for the four rows of
+// a GQA group instead of four times.
+#ifdef KV_PAGED_CPU_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+template <typename K>
+inline void dot4(const float* const* q, const K* k, int64_t n, float* out) {
+  int64_t i = 0;
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#ifdef KV_PAGED_CPU_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+         a3 = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 kv = load8(k + i);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + i), kv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + i), kv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + i), kv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + i), kv, a3);
+  }
+  s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+#endif
+  for (; i < n; ++i) {
+    const float kv = static_cast<float>(k[i]);
+    s0 += q[0][i] * kv, s1 += q[1][i] * kv, s2 += q[2][i] * kv, s3 += q[3][i] * kv;
+  }
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+template <typename V>
+inline void axpy4(float* const* y, const float* p, const V* v, int64_t n) {
+  int64_t i = 0;
+#ifdef KV_PAGED_CPU_AVX2
+  const __m256 p0 = _mm256_set1_ps(p[0]), p1 = _mm256_set1_ps(p[1]), p2 = _mm256_set1_ps(p[2]),
+               p3 = _mm256_set1_ps(p[3]);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = load8(v + i);
+    _mm256_storeu_ps(y[0] + i, _mm256_fmadd_ps(p0, x, _mm256_loadu_ps(y[0] + i)));
+    _mm256_storeu_ps(y[1] + i, _mm256_fmadd_ps(p1, x, _mm256_loadu_ps(y[1] + i)));
+    _mm256_storeu_ps(y[2] + i, _mm256_fmadd_ps(p2, x, _mm256_loadu_ps(y[2] + i)));
+    _mm256_storeu_ps(y[3] + i, _mm256_fmadd_ps(p3, x, _mm256_loadu_ps(y[3] + i)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float x = static_cast<float>(v[i]);
+    y[0][i] += p[0] * x, y[1][i] += p[1] * x, y[2][i] += p[2] * x, y[3][i] += p[3] * x;
+  }
 }
 
 }  // namespace kv_paged::cpu

@@ -1,5 +1,5 @@
 // CPU glue of flash_attention: validate (shapes, then cu_seqlens values) -> params -> dispatch on
-// dtype -> csrc/cpu/flash_attention.cpp (tiled online softmax, O(N) memory).
+// dtype -> csrc/cpu/flash_attention_kernel.cpp (tiled online softmax, O(N) memory).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

@@ -1,5 +1,5 @@
 // CPU glue of paged_attention: validate (shapes, then every index value) -> params -> dispatch on
-// dtype -> csrc/cpu/paged_attention.cpp. head_dim is a runtime value of the kernel.
+// dtype -> csrc/cpu/paged_attention_kernel.cpp. head_dim is a runtime value of the kernel.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

@@ -66,7 +66,7 @@ void flash_attention(const FlashAttentionParams& p) {
           v_rows[j - jb] = v + (k_start + j) * p.v_stride_token + h * p.v_stride_head;
         }
       };
-      attend_rows<T>(s, c.count * G, p.softcap, fetch);
+      attend_rows<T>(s, c.count * G, p.softcap, 0, 0, fetch);
       for (int64_t t = 0; t < c.count; ++t) {
         const int64_t token = q_start + c.first + t;
         for (int64_t g = 0; g < G; ++g) {
