@@ -19,11 +19,11 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_close_to_reference, make_paged_batch, max_err, randn
+from reference import dense_attention, flash_attention_reference, paged_attention_reference
 
 import kv_paged  # noqa: F401
 from kv_paged import ops
-from tests.conftest import assert_close_to_reference, make_paged_batch, max_err, randn
-from tests.reference import dense_attention, flash_attention_reference, paged_attention_reference
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA kernels need a CUDA device"
@@ -145,7 +145,7 @@ def test_reshape_and_cache_large_pool(dtype, kv_fused, gen):
         v_cache = torch.full_like(k_cache, float("nan"))
     key = randn((n, Hkv, D), dtype, gen, DEV, pad_last=8)
     value = randn((n, Hkv, D), dtype, gen, DEV)
-    slots = torch.randperm(nb * bs, generator=gen)[:n]
+    slots = torch.randperm(nb * bs - 1, generator=gen)[:n]  # the last slot is added below
     slots[::7] = -1
     slots[1] = nb * bs - 1
     slots = slots.to(DEV)

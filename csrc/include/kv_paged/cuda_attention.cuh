@@ -133,7 +133,8 @@ struct KvRows;
 template <>
 struct KvRows<true> {
   const int32_t* table;
-  int64_t block_size, num_blocks;
+  int block_size;  // 32-bit: t / block_size runs per copied chunk
+  int64_t num_blocks;
   int64_t k_stride_block, k_stride_slot, k_head;
   int64_t v_stride_block, v_stride_slot, v_head;
   int64_t* sink;
@@ -143,7 +144,7 @@ struct KvRows<true> {
   __device__ KvRows(const AttentionProblem& p, int b, int kv_head) {
     const PagedKvSource& s = p.paged;
     table = s.block_tables + int64_t(b) * s.block_table_stride;
-    block_size = s.k_layout.block_size;
+    block_size = int(s.k_layout.block_size);
     num_blocks = s.k_layout.num_blocks;
     k_stride_block = s.k_layout.stride_block;
     k_stride_slot = s.k_layout.stride_slot;
@@ -161,7 +162,7 @@ struct KvRows<true> {
       report_error(sink, kBadBlockTable, seq, t / block_size, block);
       return false;
     }
-    const int64_t slot = t % block_size;
+    const int64_t slot = t % block_size;  // 32-bit remainder, widened
     ko = block * k_stride_block + slot * k_stride_slot + k_head;
     vo = block * v_stride_block + slot * v_stride_slot + v_head;
     return true;

@@ -59,6 +59,13 @@ __device__ __forceinline__ void chunk_to_float(const uint4& src, float* dst) {
   for (int i = 0; i < int(16 / sizeof(T)); ++i) dst[i] = to_float(e[i]);
 }
 
+// tanh to ~1e-6 absolute error. Under --use_fast_math tanhf becomes tanh.approx (relative error
+// ~2^-11), too coarse for softcap logits (the cap multiplies the error back up).
+__device__ __forceinline__ float precise_tanh(float x) {
+  const float e = __expf(2.f * x);  // ex2.approx: ~2 ulp; inf / 0 at the ends give +-1 below
+  return 1.f - 2.f / (e + 1.f);
+}
+
 // ---- async copies --------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

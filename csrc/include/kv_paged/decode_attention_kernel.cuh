@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
           for (int off = C::kSplitD / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
           if (slice == 0) {
-            if (p.softcap > 0.f) dot = p.softcap * tanhf(dot / p.softcap);
+            if (p.softcap > 0.f) dot = p.softcap * precise_tanh(dot / p.softcap);
             s_smem[r * (C::kTile + 1) + tok] = (t >= row_lo[r] && t < row_hi[r]) ? dot : kNegInf;
           }
         }

@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
         const int h = e >> 1;
         const int t = t0 + n * 8 + tig * 2 + (e & 1);
         float x = s[n][e] * p.scale;
-        if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+        if (p.softcap > 0.f) x = p.softcap * precise_tanh(x / p.softcap);
         x = (t >= span[h].lo && t < span[h].hi) ? x : kNegInf;
         s[n][e] = x;
         mx[h] = fmaxf(mx[h], x);
