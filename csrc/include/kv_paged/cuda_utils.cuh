@@ -1,0 +1,147 @@
+// Torch-free CUDA helpers shared by the kv_paged kernels: dtype conversion, 16-byte async copies
+// (cp.async, zero-filling when the source is out of range), mma.sync / ldmatrix wrappers and the
+// KV_PAGED_DEBUG error sink. Everything here needs sm_80 or newer (cp.async, bf16 mma).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace kv_paged {
+namespace cuda {
+
+constexpr float kNegInf = -__builtin_huge_valf();
+
+// ---- dtype conversion (explicit intrinsics: torch builds with __CUDA_NO_HALF_CONVERSIONS__) ------
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Two floats packed into one 32-bit register of two 16-bit elements (low half = a).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Converts the 16 bytes at `src` (16 / sizeof(T) elements of T) to floats.
+template <typename T>
+__device__ __forceinline__ void chunk_to_float(const uint4& src, float* dst) {
+  const T* e = reinterpret_cast<const T*>(&src);
+#pragma unroll
+  for (int i = 0; i < int(16 / sizeof(T)); ++i) dst[i] = to_float(e[i]);
+}
+
+// tanh to ~1e-6 absolute error. Under --use_fast_math tanhf becomes tanh.approx (relative error
+// ~2^-11), too coarse for softcap logits (the cap multiplies the error back up).
+__device__ __forceinline__ float precise_tanh(float x) {
+  const float e = __expf(2.f * x);  // ex2.approx: ~2 ulp; inf / 0 at the ends give +-1 below
+  return 1.f - 2.f / (e + 1.f);
+}
+
+// ---- async copies --------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; when !valid nothing is read and the destination is zero-filled.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---- tensor-core fragments (m16n8k16, fp32 accumulate) -------------------------------------------
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+
+// d += a * b for one 16x8x16 tile; a: 4 regs (row-major 16x16), b: 2 regs (col-major 16x8).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                  uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---- KV_PAGED_DEBUG error sink --------------------------------------------------------------------
+// int64 [4] in device memory: {code, index0, index1, value}; the first failing check wins. A null
+// sink means checks are off (the default: block ids and lengths are trusted on CUDA).
+enum ErrorCode : int64_t {
+  kOk = 0,
+  kBadBlockTable = 1,   // block_tables[index0][index1] = value is not in [0, num_blocks)
+  kBadSlot = 2,         // slot_mapping[index0] = value is not in [-1, num_blocks * block_size)
+  kBadBlockMapping = 3, // block_mapping[index0][index1] = value is not a block id of its pool
+  kBadSeqLenKv = 4,     // seq_lens_kv[index0] = value is < q_len or > what the block table holds
+  kBadCuSeqlensQ = 5,   // cu_seqlens_q[index0] = value breaks 0 <= ... <= total_q, non-decreasing
+  kBadCuSeqlensK = 6,   // cu_seqlens_k[index0] = value breaks 0 <= ... <= total_k, non-decreasing
+};
+
+__device__ __forceinline__ void report_error(int64_t* sink, int64_t code, int64_t i0, int64_t i1,
+                                             int64_t value) {
+  auto* word = reinterpret_cast<unsigned long long*>(sink);
+  if (atomicCAS(word, 0ull, static_cast<unsigned long long>(code)) == 0ull) {
+    sink[1] = i0;
+    sink[2] = i1;
+    sink[3] = value;
+  }
+}
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace cuda
+}  // namespace kv_paged

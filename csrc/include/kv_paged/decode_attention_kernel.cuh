@@ -1,0 +1,359 @@
+// Split-KV attention with CUDA-core (FMA) math: the decode kernel of paged_attention, and the
+// fallback of both attention ops for fp32 and for rows that are not 16-byte aligned.
+// One CTA = (query tile, KV head, KV split). A query tile is up to kRows rows = (query token, query
+// head of the KV head's GQA group) pairs, so each K/V byte is read once for the whole group. K/V
+// tiles stream through a 3-stage cp.async ring (16-byte copies, zero-fill past the end); the block
+// table entries of a tile are loaded one tile before its copies are issued. Each split writes an
+// fp32 partial output and log-sum-exp, merged by merge_splits_kernel; with one split the kernel
+// writes `out` directly. Any q_len per sequence works (rows loop in passes of kRows), so the glue
+// needs no host sync to route a batch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kv_paged/cuda_attention.cuh"
+#include "kv_paged/cuda_utils.cuh"
+
+namespace kv_paged {
+
+// decode_attention: the problem plus the split-KV scratch.
+struct DecodeAttentionParams {
+  AttentionProblem prob;
+  int num_splits = 1;
+  int tile_q = 1;        // query tokens per CTA: max(1, kRows / group size)
+  bool vec_ok = true;    // 16-byte aligned rows: cp.async; else element-wise loads
+  float* partial_out = nullptr;  // [num_splits, total_q, num_heads, head_dim] when num_splits > 1
+  float* partial_lse = nullptr;  // [num_splits, total_q, num_heads]
+};
+
+namespace cuda {
+
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeRows = 16;   // query rows per pass
+constexpr int kDecodeStages = 3;  // K/V tiles in flight
+constexpr int kMaxSplits = 32;
+
+template <typename T, int kHeadDim>
+struct DecodeConfig {
+  static constexpr int kChunk = 16 / int(sizeof(T));             // elements per 16-byte copy
+  static constexpr int kRowChunks = kHeadDim / kChunk;
+  static constexpr int kTile = 8192 / (kHeadDim * int(sizeof(T)));  // 8 KB of K per tile
+  static constexpr int kChunksPerThread = kTile * kRowChunks / kDecodeThreads;  // = 4
+  static constexpr int kSplitD = kDecodeThreads / kTile;  // lanes sharing one key's dot product
+  static constexpr int kRowStride = kHeadDim + kChunk;     // +16 B: conflict-free rows
+  static constexpr int kPairs = kHeadDim / 2;              // PV: a thread owns 2 output columns
+  static constexpr int kRowGroups = kDecodeThreads / kPairs;
+  static constexpr int kRowsPerGroup = kDecodeRows / kRowGroups;
+  static_assert(kChunksPerThread == 4 && kRowChunks % kSplitD == 0, "tile shape");
+  static_assert(kRowGroups >= 1 && kDecodeRows % kRowGroups == 0, "head_dim <= 256");
+
+  static constexpr size_t kv_bytes = size_t(kDecodeStages) * kTile * kRowStride * sizeof(T);
+  static constexpr size_t q_bytes = size_t(kDecodeRows) * kHeadDim * sizeof(float);
+  static constexpr size_t s_bytes = size_t(kDecodeRows) * (kTile + 1) * sizeof(float);
+  static constexpr size_t smem_bytes = 2 * kv_bytes + q_bytes + s_bytes;
+};
+
+template <typename T, int kHeadDim, bool kPaged>
+__global__ void __launch_bounds__(kDecodeThreads)
+    decode_attention_kernel(const DecodeAttentionParams dp) {
+  using C = DecodeConfig<T, kHeadDim>;
+  const AttentionProblem& p = dp.prob;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* k_smem = reinterpret_cast<T*>(smem);                      // [stage][kTile][kRowStride]
+  T* v_smem = reinterpret_cast<T*>(smem + C::kv_bytes);        // [stage][kTile][kRowStride]
+  float* q_smem = reinterpret_cast<float*>(smem + 2 * C::kv_bytes);  // [kRows][kHeadDim]
+  float* s_smem = q_smem + kDecodeRows * kHeadDim;                     // [kRows][kTile + 1]
+  __shared__ float row_m[kDecodeRows], row_l[kDecodeRows], row_alpha[kDecodeRows];
+  __shared__ int row_lo[kDecodeRows], row_hi[kDecodeRows];
+
+  QTile qt;
+  if (!find_q_tile(p.cu_seqlens_q, int(p.num_seqs), dp.tile_q, blockIdx.x, qt)) return;
+  const int kv_head = blockIdx.y, split = blockIdx.z;
+  const KvRows<kPaged> kv(p, qt.seq, kv_head);
+  if (!check_sequence<kPaged>(p, qt, kv.k_len)) return;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = int(p.num_heads / p.num_kv_heads);
+  const int D = int(p.head_dim);
+  const int window = int(p.sliding_window);
+  const T* q_ptr = static_cast<const T*>(p.q);
+  const T* k_ptr = static_cast<const T*>(p.k);
+  const T* v_ptr = static_cast<const T*>(p.v);
+  const int rows_total = qt.count * group;
+
+  for (int pass = 0; pass < rows_total; pass += kDecodeRows) {
+    const int rows = min(kDecodeRows, rows_total - pass);
+    // Query rows, pre-scaled, zero past head_dim; the visible key span of each row.
+    for (int i = tid; i < kDecodeRows * kHeadDim; i += kDecodeThreads) {
+      const int r = i / kHeadDim, d = i % kHeadDim;
+      float x = 0.f;
+      if (r < rows && d < D) {
+        const int row = pass + r, tok = qt.q_start + qt.begin + row / group;
+        const int head = kv_head * group + row % group;
+        x = to_float(q_ptr[tok * p.q_stride_token + head * p.q_stride_head + d]) * p.scale;
+      }
+      q_smem[i] = x;
+    }
+    if (tid < kDecodeRows) {
+      const int pos = kv.k_len - qt.q_len + qt.begin + (pass + tid) / group;
+      const Span s = visible_span(pos, kv.k_len, p.causal, window);
+      row_lo[tid] = s.lo;
+      row_hi[tid] = tid < rows ? s.hi : s.lo;  // padding rows see nothing
+      row_m[tid] = kNegInf;
+      row_l[tid] = 0.f;
+    }
+    __syncthreads();
+    // Rows are ordered by token, so the first row has the smallest span start, the last the largest end.
+    const int lo = row_lo[0], hi = row_hi[rows - 1];
+    const int n_tiles_all = hi > lo ? int(ceil_div(hi - lo, C::kTile)) : 0;
+    const int per_split = int(ceil_div(n_tiles_all, dp.num_splits));
+    const int first_tile = split * per_split;
+    const int n_tiles = max(0, min(n_tiles_all, first_tile + per_split) - first_tile);
+
+    // Loader: thread copies chunks tid + k * kThreads of each tile (token c / kRowChunks).
+    auto tile_start = [&](int tile) { return lo + (first_tile + tile) * C::kTile; };
+    auto fetch_ids = [&](int tile, int32_t (&ids)[C::kChunksPerThread]) {
+#pragma unroll
+      for (int k = 0; k < C::kChunksPerThread; ++k) {
+        const int t = tile_start(tile) + (tid + k * kDecodeThreads) / C::kRowChunks;
+        ids[k] = (tile < n_tiles && t < hi) ? kv.entry(t) : 0;
+      }
+    };
+    auto issue = [&](int tile, const int32_t (&ids)[C::kChunksPerThread]) {
+      if (tile < n_tiles) {
+        const int stage = tile % kDecodeStages;
+#pragma unroll
+        for (int k = 0; k < C::kChunksPerThread; ++k) {
+          const int c = tid + k * kDecodeThreads;
+          const int tok = c / C::kRowChunks, ch = c % C::kRowChunks;
+          const int t = tile_start(tile) + tok;
+          int64_t ko = 0, vo = 0;
+          const bool ok = t < hi && kv.offsets(ids[k], t, ko, vo);
+          T* ks = k_smem + (stage * C::kTile + tok) * C::kRowStride + ch * C::kChunk;
+          T* vs = v_smem + (stage * C::kTile + tok) * C::kRowStride + ch * C::kChunk;
+          if (dp.vec_ok) {
+            const bool in = ok && ch * C::kChunk < D;
+            cp_async_16(ks, k_ptr + (in ? ko + ch * C::kChunk : 0), in);
+            cp_async_16(vs, v_ptr + (in ? vo + ch * C::kChunk : 0), in);
+          } else {
+#pragma unroll
+            for (int e = 0; e < C::kChunk; ++e) {
+              const int d = ch * C::kChunk + e;
+              const bool in = ok && d < D;
+              ks[e] = in ? k_ptr[ko + d] : from_float<T>(0.f);
+              vs[e] = in ? v_ptr[vo + d] : from_float<T>(0.f);
+            }
+          }
+        }
+      }
+      cp_async_commit();
+    };
+
+    int32_t ids[C::kChunksPerThread];
+#pragma unroll
+    for (int s = 0; s < kDecodeStages - 1; ++s) {
+      fetch_ids(s, ids);
+      issue(s, ids);
+    }
+    fetch_ids(kDecodeStages - 1, ids);
+
+    // PV ownership: output columns 2 * pair, 2 * pair + 1 of rows group * kRowsPerGroup + i.
+    const int pair = tid % C::kPairs, rgroup = tid / C::kPairs;
+    const bool pv_active = rgroup < C::kRowGroups;
+    float acc[C::kRowsPerGroup][2];
+#pragma unroll
+    for (int i = 0; i < C::kRowsPerGroup; ++i) acc[i][0] = acc[i][1] = 0.f;
+
+    for (int it = 0; it < n_tiles; ++it) {
+      cp_async_wait<kDecodeStages - 2>();
+      __syncthreads();
+      issue(it + kDecodeStages - 1, ids);
+      fetch_ids(it + kDecodeStages, ids);
+      const int stage = it % kDecodeStages;
+      const int t0 = tile_start(it);
+
+      // Scores: kSplitD lanes per key, each over interleaved 16-byte chunks of head_dim.
+      {
+        const int tok = tid / C::kSplitD, slice = tid % C::kSplitD;
+        constexpr int kMine = C::kRowChunks / C::kSplitD;
+        float kf[kMine][C::kChunk];
+#pragma unroll
+        for (int c = 0; c < kMine; ++c) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(
+              k_smem + (stage * C::kTile + tok) * C::kRowStride + (slice + c * C::kSplitD) * C::kChunk);
+          chunk_to_float<T>(raw, kf[c]);
+        }
+        const int t = t0 + tok;
+#pragma unroll 1
+        for (int r = 0; r < rows; ++r) {
+          const float* qr = q_smem + r * kHeadDim;
+          float dot = 0.f;
+#pragma unroll
+          for (int c = 0; c < kMine; ++c) {
+            const float* qc = qr + (slice + c * C::kSplitD) * C::kChunk;
+#pragma unroll
+            for (int e = 0; e < C::kChunk; ++e) dot = fmaf(qc[e], kf[c][e], dot);
+          }
+#pragma unroll
+          for (int off = C::kSplitD / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+          if (slice == 0) {
+            if (p.softcap > 0.f) dot = p.softcap * precise_tanh(dot / p.softcap);
+            s_smem[r * (C::kTile + 1) + tok] = (t >= row_lo[r] && t < row_hi[r]) ? dot : kNegInf;
+          }
+        }
+      }
+      __syncthreads();
+      // Online softmax: one warp per row.
+      for (int r = warp; r < rows; r += kDecodeThreads / 32) {
+        float* sr = s_smem + r * (C::kTile + 1);
+        float mx = kNegInf;
+        for (int j = lane; j < C::kTile; j += 32) mx = fmaxf(mx, sr[j]);
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float m_old = row_m[r];
+        const float m_new = fmaxf(m_old, mx);
+        const float m_use = m_new == kNegInf ? 0.f : m_new;
+        float sum = 0.f;
+        for (int j = lane; j < C::kTile; j += 32) {
+          const float e = __expf(sr[j] - m_use);
+          sr[j] = e;
+          sum += e;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        __syncwarp();
+        if (lane == 0) {
+          const float alpha = __expf(m_old - m_use);
+          row_alpha[r] = alpha;
+          row_l[r] = row_l[r] * alpha + sum;
+          row_m[r] = m_new;
+        }
+      }
+      __syncthreads();
+      // acc = acc * alpha + P V.
+      if (pv_active) {
+#pragma unroll
+        for (int i = 0; i < C::kRowsPerGroup; ++i) {
+          const int r = rgroup * C::kRowsPerGroup + i;
+          const float a = r < rows ? row_alpha[r] : 0.f;
+          acc[i][0] *= a;
+          acc[i][1] *= a;
+        }
+        const T* vcol = v_smem + stage * C::kTile * C::kRowStride + 2 * pair;
+#pragma unroll 4
+        for (int j = 0; j < C::kTile; ++j) {
+          const float v0 = to_float(vcol[j * C::kRowStride]);
+          const float v1 = to_float(vcol[j * C::kRowStride + 1]);
+#pragma unroll
+          for (int i = 0; i < C::kRowsPerGroup; ++i) {
+            const float pr = s_smem[(rgroup * C::kRowsPerGroup + i) * (C::kTile + 1) + j];
+            acc[i][0] = fmaf(pr, v0, acc[i][0]);
+            acc[i][1] = fmaf(pr, v1, acc[i][1]);
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Normalise and write: `out` directly with one split, else the fp32 partial and its LSE.
+    if (pv_active) {
+#pragma unroll
+      for (int i = 0; i < C::kRowsPerGroup; ++i) {
+        const int r = rgroup * C::kRowsPerGroup + i;
+        if (r >= rows) continue;
+        const int row = pass + r, tok = qt.q_start + qt.begin + row / group;
+        const int head = kv_head * group + row % group;
+        const float l = row_l[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int d0 = 2 * pair;
+        if (dp.num_splits == 1) {
+          T* o = static_cast<T*>(p.out) + tok * p.out_stride_token + head * p.out_stride_head;
+          if (d0 < D) o[d0] = from_float<T>(acc[i][0] * inv);
+          if (d0 + 1 < D) o[d0 + 1] = from_float<T>(acc[i][1] * inv);
+        } else {
+          const int64_t idx = (int64_t(split) * p.total_q + tok) * p.num_heads + head;
+          float* o = dp.partial_out + idx * D;
+          if (d0 < D) o[d0] = acc[i][0] * inv;
+          if (d0 + 1 < D) o[d0 + 1] = acc[i][1] * inv;
+          if (pair == 0) dp.partial_lse[idx] = l > 0.f ? row_m[r] + __logf(l) : kNegInf;
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// out[q, h, :] = sum_s w_s * partial_out[s, q, h, :], w = softmax over s of partial_lse[s, q, h].
+template <typename T>
+__global__ void __launch_bounds__(128) merge_splits_kernel(const DecodeAttentionParams dp) {
+  const AttentionProblem& p = dp.prob;
+  const int64_t q = blockIdx.x, h = blockIdx.y;
+  __shared__ float w[kMaxSplits];
+  const int S = dp.num_splits;
+  if (threadIdx.x < 32) {
+    const int s = threadIdx.x;
+    const float lse = s < S ? dp.partial_lse[(s * p.total_q + q) * p.num_heads + h] : kNegInf;
+    float mx = lse;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float e = mx == kNegInf ? 0.f : __expf(lse - mx);
+    float sum = e;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (s < S) w[s] = sum > 0.f ? e / sum : 0.f;
+  }
+  __syncthreads();
+  const int D = int(p.head_dim);
+  T* o = static_cast<T*>(p.out) + q * p.out_stride_token + h * p.out_stride_head;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < S; ++s) {
+      if (w[s] != 0.f) acc += w[s] * dp.partial_out[((s * p.total_q + q) * p.num_heads + h) * D + d];
+    }
+    o[d] = from_float<T>(acc);
+  }
+}
+
+}  // namespace cuda
+
+// Query tokens per decode CTA for a GQA group of `group` query heads.
+inline int decode_tile_q(int64_t group) {
+  return int(std::max<int64_t>(1, cuda::kDecodeRows / group));
+}
+
+// Splits so that the grid fills the GPU about once: live CTAs (query tiles x KV heads) times splits
+// ~ 2 waves of `sm_count`, at most kMaxSplits and no more than one split per 256 keys of the longest
+// possible sequence (max_k_len, from shapes only: block_tables.size(1) * block_size).
+inline int decode_num_splits(int64_t live_ctas, int64_t max_k_len, int sm_count) {
+  const int64_t target = 2 * int64_t(sm_count);
+  int64_t s = (target + live_ctas - 1) / std::max<int64_t>(1, live_ctas);
+  s = std::min<int64_t>(s, (max_k_len + 255) / 256);
+  return int(std::max<int64_t>(1, std::min<int64_t>(s, cuda::kMaxSplits)));
+}
+
+// Launches the split-KV kernel (and the merge when num_splits > 1) on `stream`. The caller fills
+// dp.num_splits, dp.tile_q, dp.vec_ok and, for num_splits > 1, the partial buffers.
+template <typename T, int kHeadDim, bool kPaged>
+cudaError_t launch_decode_attention(const DecodeAttentionParams& dp, cudaStream_t stream) {
+  using C = cuda::DecodeConfig<T, kHeadDim>;
+  const AttentionProblem& p = dp.prob;
+  if (p.total_q == 0 || p.num_seqs == 0) return cudaSuccess;
+  auto kernel = cuda::decode_attention_kernel<T, kHeadDim, kPaged>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(C::smem_bytes));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(cuda::num_virtual_tiles(p.total_q, p.num_seqs, dp.tile_q)),
+                  unsigned(p.num_kv_heads), unsigned(dp.num_splits));
+  kernel<<<grid, cuda::kDecodeThreads, C::smem_bytes, stream>>>(dp);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || dp.num_splits == 1) return err;
+  const dim3 merge_grid(unsigned(p.total_q), unsigned(p.num_heads));
+  cuda::merge_splits_kernel<T><<<merge_grid, 128, 0, stream>>>(dp);
+  return cudaGetLastError();
+}
+
+}  // namespace kv_paged

@@ -1,0 +1,98 @@
+// CUDA glue of paged_attention. Routing needs no host sync, only shapes: when total_q == num_seqs
+// (every sequence has one query in the usual decode step; any split of the rows still works) or the
+// dtype is fp32 or rows are not 16-byte aligned, the split-KV kernel (decode_attention_kernel.cuh)
+// runs; otherwise some sequence has a prefill chunk and every row goes to the tensor-core prefill
+// kernel reading K/V through the block table (prefill_attention_kernel.cuh).
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "kv_paged/decode_attention_kernel.cuh"
+#include "kv_paged/prefill_attention_kernel.cuh"
+#include "ops/cuda_glue.cuh"
+#include "ops/validate.h"
+
+namespace kv_paged {
+namespace {
+
+template <typename T, int kHeadDim>
+cudaError_t run_paged(const AttentionProblem& prob, bool use_prefill, DecodeAttentionParams& dp,
+                      cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (use_prefill) return launch_prefill_attention<T, kHeadDim, true>({prob}, stream);
+  }
+  return launch_decode_attention<T, kHeadDim, true>(dp, stream);
+}
+
+template <typename T>
+cudaError_t run_paged_head_dim(const AttentionProblem& prob, bool use_prefill,
+                               DecodeAttentionParams& dp, cudaStream_t stream) {
+  switch (prob.head_dim <= 64 ? 64 : prob.head_dim <= 128 ? 128 : 256) {
+    case 64: return run_paged<T, 64>(prob, use_prefill, dp, stream);
+    case 128: return run_paged<T, 128>(prob, use_prefill, dp, stream);
+    default: return run_paged<T, 256>(prob, use_prefill, dp, stream);
+  }
+}
+
+// query: [total_q, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
+// head_dim]; block_tables: int32 [num_seqs, max_blocks]; cu_seqlens_q: int32 [num_seqs + 1];
+// seq_lens_kv: int32 [num_seqs]. Returns [total_q, num_heads, head_dim] in query's dtype.
+at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv,
+                                double scale, bool causal, int64_t sliding_window, double softcap) {
+  at::Tensor out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  const PagedAttentionParams params =
+      make_paged_attention_params(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv,
+                                  scale, causal, sliding_window, softcap, out);
+  TORCH_CHECK(params.head_dim <= 256, "paged_attention: query head_dim ", params.head_dim,
+              " is over the CUDA kernels' limit of 256");
+  for (const at::Tensor* t : {&block_tables, &cu_seqlens_q, &seq_lens_kv}) {
+    TORCH_CHECK(t->device() == query.device(), "paged_attention: block_tables, cu_seqlens_q and "
+                "seq_lens_kv must be on ", query.device(), ", got ", t->device());
+  }
+  if (params.total_q == 0 || params.num_seqs == 0) return out;
+  const c10::cuda::CUDAGuard guard(query.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ErrorSink sink(query.device());
+
+  DecodeAttentionParams dp;
+  dp.prob = cuda::make_problem(params);
+  dp.prob.error_sink = sink.ptr();
+  const at::ScalarType dtype = query.scalar_type();
+  dp.vec_ok = cuda::rows_16b_aligned<true>(dp.prob, query.element_size());
+  const bool use_prefill = dtype != at::kFloat && dp.vec_ok && params.head_dim % 8 == 0 &&
+                           params.total_q != params.num_seqs;
+  at::Tensor partial_out, partial_lse;
+  if (!use_prefill) {
+    dp.tile_q = decode_tile_q(params.num_heads / params.num_kv_heads);
+    const int64_t live = std::max<int64_t>(params.num_seqs, (params.total_q + dp.tile_q - 1) / dp.tile_q) *
+                         params.num_kv_heads;
+    const int64_t max_k_len = params.max_blocks_per_seq * params.k_layout.block_size;
+    dp.num_splits = decode_num_splits(live, max_k_len, sm_count(query.get_device()));
+    if (dp.num_splits > 1) {
+      const auto f32 = query.options().dtype(at::kFloat);
+      partial_out = at::empty({dp.num_splits, params.total_q, params.num_heads, params.head_dim}, f32);
+      partial_lse = at::empty({dp.num_splits, params.total_q, params.num_heads}, f32);
+      dp.partial_out = partial_out.data_ptr<float>();
+      dp.partial_lse = partial_lse.data_ptr<float>();
+    }
+  }
+  cudaError_t err = cudaSuccess;
+  switch (dtype) {
+    case at::kHalf: err = run_paged_head_dim<__half>(dp.prob, use_prefill, dp, stream); break;
+    case at::kBFloat16: err = run_paged_head_dim<__nv_bfloat16>(dp.prob, use_prefill, dp, stream); break;
+    case at::kFloat: err = run_paged_head_dim<float>(dp.prob, false, dp, stream); break;
+    default: TORCH_CHECK(false, "paged_attention: query dtype ", dtype, " is not float16, bfloat16 or float32");
+  }
+  check_cuda(err, "paged_attention");
+  sink.raise_if_set("paged_attention");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kv_paged, CUDA, m) { m.impl("paged_attention", &paged_attention_cuda); }
+
+}  // namespace kv_paged
