@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import kv_paged
-from kv_paged import ops
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import kv_paged  # noqa: E402
+from kv_paged import ops  # noqa: E402
 
 CPU_SHAPES = [  # (batch, context, q heads, kv heads)
     (16, 512, 32, 8), (16, 4096, 32, 8), (64, 512, 32, 8), (64, 4096, 32, 8),

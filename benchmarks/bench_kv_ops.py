@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
 
 def time_ms(fn, warmup: int, iters: int) -> float:
     for _ in range(warmup):
