@@ -10,10 +10,11 @@ from kv_paged._build import load_extension as _load_extension
 _C = _load_extension()
 with_cuda: bool = bool(getattr(_C, "with_cuda", False))
 
+from kv_paged import ops  # noqa: E402  (registers the fake implementations)
 from kv_paged.block_manager import BlockManager  # noqa: E402  (needs _C loaded)
 
 __version__ = "0.1.0"
-from kv_paged import ops  # noqa: E402,F401  (registers the fake implementations)
+__all__ = ["BlockManager", "Engine", "SamplingParams", "ops", "with_cuda"]
 
 
 def _register_transformers() -> None:

@@ -4,8 +4,9 @@ any devices) against Python index copies; bad pairs are refused before anything 
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES
 from kv_paged import ops
+
+from conftest import DEVICES, DTYPES
 
 
 def random_pools(num_layers, num_blocks, bs, kvh, d, dtype, device, gen, fused):

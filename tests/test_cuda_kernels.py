@@ -19,11 +19,12 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_close_to_reference, make_paged_batch, max_err, randn
-from reference import dense_attention, flash_attention_reference, paged_attention_reference
 
 import kv_paged  # noqa: F401
 from kv_paged import ops
+
+from conftest import assert_close_to_reference, make_paged_batch, max_err, randn
+from reference import dense_attention, flash_attention_reference, paged_attention_reference
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA kernels need a CUDA device"

@@ -15,8 +15,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kv_paged.engine import Engine
-from kv_paged.sampling import SamplingParams
+from kv_paged.engine import Engine  # noqa: E402  (after the importorskip)
+from kv_paged.sampling import SamplingParams  # noqa: E402
 
 BLOCK_SIZE = 8
 VOCAB = 96

@@ -10,8 +10,16 @@ q/k/v are non-contiguous views.
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES, assert_close_to_reference, covers_all_pairs, pairwise_grid, randn
 from kv_paged import ops
+
+from conftest import (
+    DEVICES,
+    DTYPES,
+    assert_close_to_reference,
+    covers_all_pairs,
+    pairwise_grid,
+    randn,
+)
 from reference import flash_attention_reference
 
 AXES = {

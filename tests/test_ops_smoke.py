@@ -3,8 +3,9 @@ in tests/test_<op>.py)."""
 
 import torch
 
-from conftest import assert_close_to_reference, make_paged_batch
 from kv_paged import ops
+
+from conftest import assert_close_to_reference, make_paged_batch
 from reference import flash_attention_reference, paged_attention_reference
 
 

@@ -11,10 +11,16 @@ zero-length sequence, with shuffled block tables and NaN in every unused slot an
 import pytest
 import torch
 
-from conftest import (
-    DEVICES, DTYPES, assert_close_to_reference, covers_all_pairs, make_paged_batch, pairwise_grid,
-)
 from kv_paged import ops
+
+from conftest import (
+    DEVICES,
+    DTYPES,
+    assert_close_to_reference,
+    covers_all_pairs,
+    make_paged_batch,
+    pairwise_grid,
+)
 from reference import paged_attention_reference
 
 AXES = {

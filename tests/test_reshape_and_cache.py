@@ -5,8 +5,9 @@ of a packed qkv tensor. Grid: seeded pairwise covering design over the axes (che
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES, covers_all_pairs, pairwise_grid
 from kv_paged import ops
+
+from conftest import DEVICES, DTYPES, covers_all_pairs, pairwise_grid
 
 AXES = {
     "head_dim": [64, 80, 96, 128, 256],
