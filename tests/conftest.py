@@ -123,3 +123,25 @@ def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, torch_same
     assert torch.isfinite(out).all(), "output has non-finite values (NaN from an unused slot?)"
     ours, theirs = max_err(out, ref64), max_err(torch_same_dtype, ref64)
     assert ours <= 2 * theirs + 1e-5, f"max error {ours:.3g} vs torch same-dtype {theirs:.3g}"
+
+
+# ---- bad-input case builders: each returns a mutation of an argument dict -------------------------
+
+
+def set_arg(key, f):
+    """A mutation that replaces argument `key` with f(args)."""
+
+    def apply(args):
+        args[key] = f(args)
+
+    return apply
+
+
+def write_arg(key, index, value):
+    """A mutation that writes `value` at `index` of a copy of argument `key`."""
+
+    def apply(args):
+        args[key] = args[key].clone()
+        args[key][index] = value
+
+    return apply

@@ -20,6 +20,8 @@ from conftest import (
     covers_all_pairs,
     make_paged_batch,
     pairwise_grid,
+    set_arg,
+    write_arg,
 )
 from reference import paged_attention_reference
 
@@ -131,40 +133,29 @@ def _bad_cases():
     def mod(name, fn, match):
         return pytest.param(fn, match, id=name)
 
-    def set_(key, f):
-        def apply(a):
-            a[key] = f(a)
-        return apply
-
-    def write(key, index, value):
-        def apply(a):
-            a[key] = a[key].clone()
-            a[key][index] = value
-        return apply
-
     return [
-        mod("query-float64", set_("query", lambda a: a["query"].double()), "query"),
-        mod("query-int", set_("query", lambda a: a["query"].to(torch.int32)), "query"),
-        mod("query-rank", set_("query", lambda a: a["query"].flatten(1)), "query"),
-        mod("kcache-dtype", set_("k_cache", lambda a: a["k_cache"].half()), "k_cache"),
-        mod("kcache-rank", set_("k_cache", lambda a: a["k_cache"].flatten(2)), "k_cache"),
-        mod("vcache-shape", set_("v_cache", lambda a: a["v_cache"][:, :, :1]), "v_cache"),
-        mod("head-dim-mismatch", set_("query", lambda a: a["query"][..., :8].contiguous()), "head_dim"),
-        mod("heads-not-multiple", set_("query", lambda a: a["query"][:, :3].contiguous()), "num_heads"),
-        mod("query-head-dim-strided", set_("query", lambda a: a["query"][..., ::2]), "query"),
-        mod("block-id-too-large", write("block_tables", (1, 0), 10_000), "block_tables"),
-        mod("block-id-negative", write("block_tables", (0, 1), -1), "block_tables"),
-        mod("block-tables-int64", set_("block_tables", lambda a: a["block_tables"].long()), "block_tables"),
-        mod("block-tables-rows", set_("block_tables", lambda a: a["block_tables"][:1]), "block_tables"),
-        mod("seq-len-beyond-capacity", write("seq_lens_kv", 0, 10_000), "seq_lens_kv"),
-        mod("seq-len-negative", write("seq_lens_kv", 1, -1), "seq_lens_kv"),
-        mod("seq-lens-int64", set_("seq_lens_kv", lambda a: a["seq_lens_kv"].long()), "seq_lens_kv"),
-        mod("cu-seqlens-decreasing", write("cu_seqlens_q", 1, 8), "cu_seqlens_q"),
-        mod("cu-seqlens-first-nonzero", write("cu_seqlens_q", 0, 1), "cu_seqlens_q"),
-        mod("cu-seqlens-total", write("cu_seqlens_q", 2, 5), "cu_seqlens_q"),
-        mod("cu-seqlens-length", set_("cu_seqlens_q", lambda a: a["cu_seqlens_q"][:2]), "cu_seqlens_q"),
-        mod("q-len-beyond-kv", write("seq_lens_kv", 1, 2), "seq_lens_kv"),
-        mod("scale-nan", set_("scale", lambda a: float("nan")), "scale"),
+        mod("query-float64", set_arg("query", lambda a: a["query"].double()), "query"),
+        mod("query-int", set_arg("query", lambda a: a["query"].to(torch.int32)), "query"),
+        mod("query-rank", set_arg("query", lambda a: a["query"].flatten(1)), "query"),
+        mod("kcache-dtype", set_arg("k_cache", lambda a: a["k_cache"].half()), "k_cache"),
+        mod("kcache-rank", set_arg("k_cache", lambda a: a["k_cache"].flatten(2)), "k_cache"),
+        mod("vcache-shape", set_arg("v_cache", lambda a: a["v_cache"][:, :, :1]), "v_cache"),
+        mod("head-dim-mismatch", set_arg("query", lambda a: a["query"][..., :8].contiguous()), "head_dim"),
+        mod("heads-not-multiple", set_arg("query", lambda a: a["query"][:, :3].contiguous()), "num_heads"),
+        mod("query-head-dim-strided", set_arg("query", lambda a: a["query"][..., ::2]), "query"),
+        mod("block-id-too-large", write_arg("block_tables", (1, 0), 10_000), "block_tables"),
+        mod("block-id-negative", write_arg("block_tables", (0, 1), -1), "block_tables"),
+        mod("block-tables-int64", set_arg("block_tables", lambda a: a["block_tables"].long()), "block_tables"),
+        mod("block-tables-rows", set_arg("block_tables", lambda a: a["block_tables"][:1]), "block_tables"),
+        mod("seq-len-beyond-capacity", write_arg("seq_lens_kv", 0, 10_000), "seq_lens_kv"),
+        mod("seq-len-negative", write_arg("seq_lens_kv", 1, -1), "seq_lens_kv"),
+        mod("seq-lens-int64", set_arg("seq_lens_kv", lambda a: a["seq_lens_kv"].long()), "seq_lens_kv"),
+        mod("cu-seqlens-decreasing", write_arg("cu_seqlens_q", 1, 8), "cu_seqlens_q"),
+        mod("cu-seqlens-first-nonzero", write_arg("cu_seqlens_q", 0, 1), "cu_seqlens_q"),
+        mod("cu-seqlens-total", write_arg("cu_seqlens_q", 2, 5), "cu_seqlens_q"),
+        mod("cu-seqlens-length", set_arg("cu_seqlens_q", lambda a: a["cu_seqlens_q"][:2]), "cu_seqlens_q"),
+        mod("q-len-beyond-kv", write_arg("seq_lens_kv", 1, 2), "seq_lens_kv"),
+        mod("scale-nan", set_arg("scale", lambda a: float("nan")), "scale"),
     ]
 
 

@@ -7,7 +7,7 @@ import torch
 
 from kv_paged import ops
 
-from conftest import DEVICES, DTYPES, covers_all_pairs, pairwise_grid
+from conftest import DEVICES, DTYPES, covers_all_pairs, pairwise_grid, set_arg, write_arg
 
 AXES = {
     "head_dim": [64, 80, 96, 128, 256],
@@ -72,32 +72,21 @@ def _bad_cases():
     def case(name, fn, match):
         return pytest.param(fn, match, id=name)
 
-    def set_(key, f):
-        def apply(a):
-            a[key] = f(a)
-        return apply
-
-    def write(key, index, value):
-        def apply(a):
-            a[key] = a[key].clone()
-            a[key][index] = value
-        return apply
-
     return [
-        case("key-rank", set_("key", lambda a: a["key"].flatten(1)), "key"),
-        case("key-dtype", set_("key", lambda a: a["key"].half()), "key"),
-        case("value-dtype", set_("value", lambda a: a["value"].double()), "value"),
-        case("kcache-dtype", set_("k_cache", lambda a: a["k_cache"].half()), "k_cache"),
-        case("kcache-rank", set_("k_cache", lambda a: a["k_cache"][0]), "k_cache"),
-        case("vcache-shape", set_("v_cache", lambda a: a["v_cache"][:1]), "v_cache"),
-        case("key-heads", set_("key", lambda a: a["key"][:, :1]), "key"),
-        case("key-head-dim", set_("key", lambda a: a["key"][..., :4]), "key"),
-        case("key-head-dim-strided", set_("key", lambda a: a["key"][..., ::2]), "key"),
-        case("value-shape", set_("value", lambda a: a["value"][:2]), "value"),
-        case("slot-int32", set_("slots", lambda a: a["slots"].int()), "slot_mapping"),
-        case("slot-length", set_("slots", lambda a: a["slots"][:2]), "slot_mapping"),
-        case("slot-too-large", write("slots", 2, 8), "slot_mapping"),
-        case("slot-below-minus-one", write("slots", 1, -2), "slot_mapping"),
+        case("key-rank", set_arg("key", lambda a: a["key"].flatten(1)), "key"),
+        case("key-dtype", set_arg("key", lambda a: a["key"].half()), "key"),
+        case("value-dtype", set_arg("value", lambda a: a["value"].double()), "value"),
+        case("kcache-dtype", set_arg("k_cache", lambda a: a["k_cache"].half()), "k_cache"),
+        case("kcache-rank", set_arg("k_cache", lambda a: a["k_cache"][0]), "k_cache"),
+        case("vcache-shape", set_arg("v_cache", lambda a: a["v_cache"][:1]), "v_cache"),
+        case("key-heads", set_arg("key", lambda a: a["key"][:, :1]), "key"),
+        case("key-head-dim", set_arg("key", lambda a: a["key"][..., :4]), "key"),
+        case("key-head-dim-strided", set_arg("key", lambda a: a["key"][..., ::2]), "key"),
+        case("value-shape", set_arg("value", lambda a: a["value"][:2]), "value"),
+        case("slot-int32", set_arg("slots", lambda a: a["slots"].int()), "slot_mapping"),
+        case("slot-length", set_arg("slots", lambda a: a["slots"][:2]), "slot_mapping"),
+        case("slot-too-large", write_arg("slots", 2, 8), "slot_mapping"),
+        case("slot-below-minus-one", write_arg("slots", 1, -2), "slot_mapping"),
     ]
 
 
