@@ -98,10 +98,6 @@ void copy_blocks_cuda(at::TensorList k_caches, at::TensorList v_caches,
   sink.raise_if_set("copy_blocks");
 }
 
-bool blocks_contiguous(const at::Tensor& pool) {
-  return pool.size(0) == 0 || pool.select(0, 0).is_contiguous();
-}
-
 // src: [num_src_blocks, ...], dst: [num_dst_blocks, ...] with equal block shape and dtype, at least
 // one on CUDA; block_mapping: int64 [n, 2] on the CPU. Host<->device or same-device copies of
 // contiguous blocks: cudaMemcpyAsync on the current stream, one per run of consecutive pairs. Other

@@ -9,10 +9,6 @@
 namespace kv_paged {
 namespace {
 
-bool blocks_contiguous(const at::Tensor& pool) {
-  return pool.size(0) == 0 || pool.select(0, 0).is_contiguous();
-}
-
 // src: [num_src_blocks, ...]; dst: [num_dst_blocks, ...] with the same block shape and dtype;
 // block_mapping: int64 [n, 2] of (src_block, dst_block) on the CPU.
 void swap_blocks_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block_mapping) {

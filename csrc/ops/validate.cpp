@@ -374,4 +374,8 @@ void check_block_mapping(const at::Tensor& block_mapping, int64_t src_num_blocks
   }
 }
 
+bool blocks_contiguous(const at::Tensor& pool) {
+  return pool.size(0) == 0 || pool.select(0, 0).is_contiguous();
+}
+
 }  // namespace kv_paged
