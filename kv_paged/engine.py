@@ -203,12 +203,12 @@ class Engine:
         """Runs one scheduling step and one forward; returns the requests that got new tokens
         (or finished) in this step, in their current state (new_token_ids holds the delta)."""
         touched: dict[str, Request] = {r.request_id: r for r in self._pending_outputs}
-        self._pending_outputs.clear()
         if self.scheduler.has_unfinished():
             batch = self.scheduler.schedule()
             if batch.entries:
                 for req in self._execute(batch):
                     touched[req.request_id] = req
+        self._pending_outputs.clear()
         outputs = [self._output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:
@@ -217,16 +217,21 @@ class Engine:
 
     def generate(
         self,
-        prompts: Iterable[str | Seq[int]],
+        prompts: str | Seq[int] | Iterable[str | Seq[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generates every prompt to completion; outputs in prompt order. Metrics: self.metrics()."""
+        """Generates every prompt to completion; outputs in prompt order. Metrics: self.metrics().
+
+        prompts: a list of prompts (token-id lists, 1-D tensors, or strings with a tokenizer); one
+          prompt on its own (a string, a flat token-id list, a 1-D tensor) is a list of one.
+        params: one SamplingParams for all, or one per prompt; None = SamplingParams().
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1):
+            prompts = [prompts]
         prompts = list(prompts)
-        if isinstance(prompts and prompts[0], int):
-            raise TypeError(
-                "generate: prompts must be a list of prompts (token-id lists or strings), not one token list"
-            )
+        if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):
             params_list = [params] * len(prompts)
         else:
@@ -240,21 +245,29 @@ class Engine:
         wanted = set(ids)
         results: dict[str, RequestOutput] = {}
         bar = _progress_bar(len(ids), use_tqdm)
-        while self.has_unfinished():
-            for out in self.step():
-                if out.finished and out.request_id in wanted:
-                    results[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
+        try:
+            while self.has_unfinished():
+                for out in self.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+                if bar is not None:
+                    m = self._metrics
+                    elapsed = max(time.perf_counter() - m.start, 1e-9)
+                    bar.set_postfix_str(
+                        f"prefill {m.prefill_tokens / elapsed:,.0f} tok/s, decode {m.decode_tokens / elapsed:,.0f} tok/s",
+                        refresh=False,
+                    )
+        except BaseException:
+            # An interrupted generate() leaves no orphans that a later call would silently serve.
+            for rid in ids:
+                if rid not in results and rid in self._requests:
+                    self.abort(rid)
+            raise
+        finally:
             if bar is not None:
-                m = self._metrics
-                elapsed = max(time.perf_counter() - m.start, 1e-9)
-                bar.set_postfix_str(
-                    f"prefill {m.prefill_tokens / elapsed:,.0f} tok/s, decode {m.decode_tokens / elapsed:,.0f} tok/s",
-                    refresh=False,
-                )
-        if bar is not None:
-            bar.close()
+                bar.close()
         self._metrics.end = time.perf_counter()
         return [results[i] for i in ids]
 
@@ -326,21 +339,9 @@ class Engine:
 
     def _execute(self, batch: ScheduledBatch) -> list[Request]:
         m = self._metrics
+        m.preemptions += len(batch.preempted)
         entries = batch.entries
         sampling_rows = [i for i, e in enumerate(entries) if e.samples]
-        t0 = time.perf_counter()
-        logits = self.runner.forward(
-            [e.seq.token_ids[e.start : e.end] for e in entries],
-            [e.start for e in entries],
-            torch.cat([e.slots for e in entries]),
-            self.block_manager.block_tables([e.seq.seq_id for e in entries]),
-            batch.copies,
-            sampling_rows,
-        )  # [len(sampling_rows), vocab]
-        self.block_manager.mark_computed([e.seq.seq_id for e in entries], [e.end for e in entries])
-        for e in entries:
-            e.seq.num_computed = e.end
-
         # Rows to sample: one per sequence, except an unforked n > 1 request, which samples all n
         # of its sequences from the prompt's logits row (each with its own generator).
         row_index, row_seqs = [], []
@@ -350,15 +351,36 @@ class Engine:
             group = req.seqs if not req.forked else [seq]
             row_index += [r] * len(group)
             row_seqs += group
-        tokens = (
-            sample(
-                logits[row_index],
-                [s.request.params for s in row_seqs],
-                [s.generator for s in row_seqs],
+        # Nothing below may fail half-way: if the forward or the sampler raises (out of memory, a
+        # model error, a KeyboardInterrupt), the step is undone and its sequences recompute later.
+        generator_states = [s.generator.get_state() for s in row_seqs]
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.forward(
+                [e.seq.token_ids[e.start : e.end] for e in entries],
+                [e.start for e in entries],
+                torch.cat([e.slots for e in entries]),
+                self.block_manager.block_tables([e.seq.seq_id for e in entries]),
+                batch.copies,
+                sampling_rows,
+            )  # [len(sampling_rows), vocab]
+            tokens = (
+                sample(
+                    logits[row_index],
+                    [s.request.params for s in row_seqs],
+                    [s.generator for s in row_seqs],
+                )
+                if row_seqs
+                else []
             )
-            if row_seqs
-            else []
-        )
+        except BaseException:
+            for s, state in zip(row_seqs, generator_states):
+                s.generator.set_state(state)
+            self.scheduler.requeue([e.seq for e in entries])
+            raise
+        self.block_manager.mark_computed([e.seq.seq_id for e in entries], [e.end for e in entries])
+        for e in entries:
+            e.seq.num_computed = e.end
 
         # Fork before any sample can finish (and free) its parent: children share every block.
         for seq in row_seqs:
@@ -389,7 +411,6 @@ class Engine:
         m.prefill_tokens += batch.num_prefill_tokens
         m.decode_tokens += batch.num_decode_tokens
         m.generated_tokens += len(tokens)
-        m.preemptions += len(batch.preempted)
         m.cow_copies += int(batch.copies.shape[0])
         m.forward_time += t1 - t0
         running = self.scheduler.running

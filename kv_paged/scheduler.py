@@ -130,6 +130,18 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Undoes a step whose forward or sampling failed: each of seqs loses its blocks and goes
+        back to the front of the queue, in order, to be recomputed (not counted as a preemption)."""
+        for seq in reversed(seqs):
+            if seq in self.running:
+                self.running.remove(seq)
+                self.bm.free(seq.seq_id)
+            seq.status = SeqStatus.WAITING
+            seq.num_computed = 0
+            seq.num_in_manager = 0
+            self.waiting.appendleft(seq)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason

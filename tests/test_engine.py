@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kv_paged.engine import Engine  # noqa: E402  (after the importorskip)
+from kv_paged.integrations import hf  # noqa: E402
 from kv_paged.sampling import SamplingParams  # noqa: E402
 
 BLOCK_SIZE = 8
@@ -312,3 +313,99 @@ def test_string_prompts_with_a_tokenizer(model, eager):
     assert out.prompt_token_ids == ids
     assert out.token_ids == hf_greedy(eager, ids, MAX_NEW)
     assert out.outputs[0].text == tok.decode(out.token_ids)
+
+
+@pytest.mark.parametrize("arch", sorted(hf.TINY_ARCHS))
+def test_every_tiny_arch_greedy_equals_eager(arch):
+    # Sliding windows (mistral 7, gemma2 6), softcapping (gemma2), qk-norm (qwen3), fused qkv (phi3):
+    # prompts longer than the window, chunked prefill mixed with decode rows.
+    model = hf.tiny_model(arch, attn_implementation="eager")
+    eager_model = copy.deepcopy(model)
+    model.generation_config.eos_token_id = None
+    vocab = model.config.vocab_size
+    ps = [p for p in prompts(20, [1, 7, 9, 17, 33, 50]) if max(p) < vocab]
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE, max_num_batched_tokens=24)
+    outs = engine.generate(ps, greedy(max_new=12), use_tqdm=False)
+    for p, o in zip(ps, outs):
+        assert o.token_ids == hf_greedy(eager_model, p, 12), f"{arch}: prompt of {len(p)} tokens"
+    check_freed(engine)
+
+
+def test_preempted_forks_match_large_pool(model):
+    # n > 1 requests in a pool too small for all samples: forked children get preempted, recompute
+    # their prompt + output, and still draw the same tokens from their own generators.
+    ps = prompts(21, [13, 22, 6])
+    params = SamplingParams(max_new_tokens=14, temperature=1.0, n=3, seed=5)
+    ref = Engine(model, num_blocks=128, block_size=BLOCK_SIZE).generate(ps, params, use_tqdm=False)
+    small = Engine(model, num_blocks=10, block_size=BLOCK_SIZE, max_num_batched_tokens=16)
+    got = small.generate(ps, params, use_tqdm=False)
+    assert small.metrics().preemptions > 0 and small.metrics().forks > 0
+    for g, r in zip(got, ref):
+        assert [c.token_ids for c in g.outputs] == [c.token_ids for c in r.outputs]
+    check_freed(small)
+
+
+class FailOnCall:
+    """Wraps a callable; raises RuntimeError on the given call numbers (1-based)."""
+
+    def __init__(self, fn, fail_on: set[int]) -> None:
+        self.fn, self.fail_on, self.calls = fn, fail_on, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError(f"injected failure on call {self.calls}")
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("where", ["forward", "sample"])
+def test_failed_step_is_undone(model, monkeypatch, where):
+    ps = prompts(22, [9, 30, 17])
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, n=2, seed=3)
+    ref = Engine(model, num_blocks=64, block_size=BLOCK_SIZE, max_num_batched_tokens=16)
+    ref_out = ref.generate(ps, params, use_tqdm=False)
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE, max_num_batched_tokens=16)
+    if where == "forward":
+        engine.runner.forward = FailOnCall(engine.runner.forward, {2, 5, 6})
+    else:
+        import kv_paged.engine as engine_module
+
+        monkeypatch.setattr(engine_module, "sample", FailOnCall(engine_module.sample, {3, 7}))
+    for i, p in enumerate(ps):
+        engine.add_request(p, params, request_id=str(i))
+    finished, failures = {}, 0
+    while engine.has_unfinished():
+        try:
+            outs = engine.step()
+        except RuntimeError as e:
+            assert "injected failure" in str(e)
+            failures += 1
+            engine.block_manager.check_invariants()
+            continue
+        finished.update({o.request_id: o for o in outs if o.finished})
+    assert failures >= 2
+    for i, r in enumerate(ref_out):
+        assert [c.token_ids for c in finished[str(i)].outputs] == [c.token_ids for c in r.outputs]
+    check_freed(engine)
+
+
+def test_interrupted_generate_leaves_no_orphans(model):
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE)
+    engine.runner.forward = FailOnCall(engine.runner.forward, {3})
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.generate(prompts(23, [5, 12, 20]), greedy(), use_tqdm=False)
+    assert engine.block_manager.stats()["num_seqs"] == 0  # aborted, blocks already freed
+    again = engine.generate(prompts(24, [7, 9]), greedy(), use_tqdm=False)
+    assert [o.request_id for o in again] == ["3", "4"] and all(o.finished for o in again)
+    check_freed(engine)
+
+
+def test_single_prompt_forms(model, eager):
+    p = prompts(25, [10])[0]
+    ref = hf_greedy(eager, p, MAX_NEW)
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE)
+    for form in (p, torch.tensor(p), [p], [torch.tensor(p)]):
+        outs = engine.generate(form, greedy(), use_tqdm=False)
+        assert len(outs) == 1 and outs[0].token_ids == ref
+    engine.tokenizer = CharTokenizer()
+    assert len(engine.generate("hi there", greedy(), use_tqdm=False)) == 1
