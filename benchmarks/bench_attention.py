@@ -38,8 +38,14 @@ import kv_paged  # noqa: E402
 from kv_paged import ops  # noqa: E402
 
 CPU_SHAPES = [  # (batch, context, q heads, kv heads)
-    (16, 512, 32, 8), (16, 4096, 32, 8), (64, 512, 32, 8), (64, 4096, 32, 8),
-    (16, 512, 32, 32), (16, 4096, 32, 32), (64, 512, 32, 32), (64, 1024, 32, 32),
+    (16, 512, 32, 8),
+    (16, 4096, 32, 8),
+    (64, 512, 32, 8),
+    (64, 4096, 32, 8),
+    (16, 512, 32, 32),
+    (16, 4096, 32, 32),
+    (64, 512, 32, 32),
+    (64, 1024, 32, 32),
 ]
 CUDA_SHAPES = [(64, 1024, 32, 32), (16, 4096, 32, 8), (64, 8192, 32, 8), (1, 65536, 32, 8)]
 
@@ -67,7 +73,14 @@ class Work:
         return k, v
 
     def kv_bytes(self) -> int:
-        return 2 * self.batch * self.context * self.k_cache.shape[2] * self.k_cache.shape[3] * self.k_cache.element_size()
+        return (
+            2
+            * self.batch
+            * self.context
+            * self.k_cache.shape[2]
+            * self.k_cache.shape[3]
+            * self.k_cache.element_size()
+        )
 
 
 def make_work(batch, context, heads, kv_heads, head_dim, block_size, dtype, device, gen) -> Work:
@@ -79,11 +92,13 @@ def make_work(batch, context, heads, kv_heads, head_dim, block_size, dtype, devi
     perm = torch.randperm(num_blocks, generator=gen, dtype=torch.int32)
     return Work(
         query=torch.randn(batch, heads, head_dim, generator=gen).to(dtype).to(device),
-        k_cache=k_cache, v_cache=v_cache,
+        k_cache=k_cache,
+        v_cache=v_cache,
         block_tables=perm.view(batch, blocks_per_seq).to(device),
         cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=device),
         seq_lens_kv=torch.full((batch,), context, dtype=torch.int32, device=device),
-        batch=batch, context=context,
+        batch=batch,
+        context=context,
     )
 
 
@@ -91,7 +106,9 @@ def make_work(batch, context, heads, kv_heads, head_dim, block_size, dtype, devi
 
 
 def setup_kv_paged(w: Work) -> Callable[[], torch.Tensor]:
-    return lambda: ops.paged_attention(w.query, w.k_cache, w.v_cache, w.block_tables, w.cu_seqlens_q, w.seq_lens_kv)
+    return lambda: ops.paged_attention(
+        w.query, w.k_cache, w.v_cache, w.block_tables, w.cu_seqlens_q, w.seq_lens_kv
+    )
 
 
 def setup_sdpa(w: Work) -> Callable[[], torch.Tensor]:
@@ -112,7 +129,9 @@ def setup_flex_paged(w: Work) -> Callable[[], torch.Tensor]:
     paged = PagedAttention(num_blocks, block_size, B, device=str(dev))
     tables = w.block_tables.long()
     paged.page_table[:, : tables.shape[1]] = tables
-    paged.physical_to_logical.scatter_(1, tables, torch.arange(tables.shape[1], device=dev).expand(B, -1).contiguous())
+    paged.physical_to_logical.scatter_(
+        1, tables, torch.arange(tables.shape[1], device=dev).expand(B, -1).contiguous()
+    )
     paged.capacity[:] = L
     paged.empty_pages = []
 
@@ -121,8 +140,16 @@ def setup_flex_paged(w: Work) -> Callable[[], torch.Tensor]:
 
     logical = create_block_mask(visible, B, None, 1, L, device=dev, BLOCK_SIZE=(128, block_size))
     mask = paged.convert_logical_block_mask(logical)
-    k = w.k_cache.permute(2, 0, 1, 3).reshape(1, kv_heads, num_blocks * block_size, head_dim).contiguous()
-    v = w.v_cache.permute(2, 0, 1, 3).reshape(1, kv_heads, num_blocks * block_size, head_dim).contiguous()
+    k = (
+        w.k_cache.permute(2, 0, 1, 3)
+        .reshape(1, kv_heads, num_blocks * block_size, head_dim)
+        .contiguous()
+    )
+    v = (
+        w.v_cache.permute(2, 0, 1, 3)
+        .reshape(1, kv_heads, num_blocks * block_size, head_dim)
+        .contiguous()
+    )
     q = w.query.unsqueeze(2)
     gqa = q.shape[1] != kv_heads
     flex = torch.compile(flex_attention, fullgraph=True)
@@ -187,11 +214,21 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtypes", default=None, help="comma list; default float32,bfloat16 on cpu, bfloat16 on cuda")
+    parser.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma list; default float32,bfloat16 on cpu, bfloat16 on cuda",
+    )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--shapes", default=None, help="batch:context:heads:kv_heads,... (default: the device's list)")
-    parser.add_argument("--max-gb", type=float, default=1.1, help="cpu: skip shapes whose K+V exceed this")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="batch:context:heads:kv_heads,... (default: the device's list)",
+    )
+    parser.add_argument(
+        "--max-gb", type=float, default=1.1, help="cpu: skip shapes whose K+V exceed this"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=None, help="default 5 on cpu, 50 on cuda")
     parser.add_argument("--out", default=None, help="append the markdown table to this file")
@@ -199,7 +236,10 @@ def main() -> None:
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU visible")
-    dtypes = [getattr(torch, d) for d in (args.dtypes or ("float32,bfloat16" if dev == "cpu" else "bfloat16")).split(",")]
+    dtypes = [
+        getattr(torch, d)
+        for d in (args.dtypes or ("float32,bfloat16" if dev == "cpu" else "bfloat16")).split(",")
+    ]
     shapes = CPU_SHAPES if dev == "cpu" else CUDA_SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")]
@@ -215,9 +255,13 @@ def main() -> None:
     lines.append("|" + "---|" * (header.count("|") - 1))
     for dtype in dtypes:
         for batch, context, heads, kv_heads in shapes:
-            w = make_work(batch, context, heads, kv_heads, args.head_dim, args.block_size, dtype, dev, gen)
+            w = make_work(
+                batch, context, heads, kv_heads, args.head_dim, args.block_size, dtype, dev, gen
+            )
             if dev == "cpu" and w.kv_bytes() > args.max_gb * 1e9:
-                lines.append(f"| {str(dtype)[6:]} | {batch} | {context} | {heads}/{kv_heads} | skipped: K+V {w.kv_bytes() / 1e9:.1f} GB > --max-gb |")
+                lines.append(
+                    f"| {str(dtype)[6:]} | {batch} | {context} | {heads}/{kv_heads} | skipped: K+V {w.kv_bytes() / 1e9:.1f} GB > --max-gb |"
+                )
                 continue
             fns = {n: b["setup"](w) for n, b in backends.items()}
             first = None
@@ -231,23 +275,31 @@ def main() -> None:
             moved = w.kv_bytes() + 2 * w.query.numel() * w.query.element_size()
             cells, secs = [], {}
             for n, fn in fns.items():
-                s = time_cpu(fn, args.warmup, iters) if dev == "cpu" else time_cuda(fn, args.warmup, iters, flush)
+                s = (
+                    time_cpu(fn, args.warmup, iters)
+                    if dev == "cpu"
+                    else time_cuda(fn, args.warmup, iters, flush)
+                )
                 secs[n] = s
                 gbs = moved / s / 1e9
                 pct = f", {100 * moved / s / copy_bw:.0f}% copy" if copy_bw else ""
                 cells.append(f"{batch / s:,.0f} ({gbs:.1f}{pct})")
             names = list(fns)
             ratio = secs[names[1]] / secs[names[0]]
-            line = (f"| {str(dtype)[6:]} | {batch} | {context} | {heads}/{kv_heads} | {' | '.join(cells)} | "
-                    f"{ratio:.2f}x | {max(diffs):.1e} |")
+            line = (
+                f"| {str(dtype)[6:]} | {batch} | {context} | {heads}/{kv_heads} | {' | '.join(cells)} | "
+                f"{ratio:.2f}x | {max(diffs):.1e} |"
+            )
             lines.append(line)
             print(line, flush=True)
             del fns, w
-    info = (f"device: {torch.cuda.get_device_name() if dev == 'cuda' else cpu_name()}"
-            f", threads {torch.get_num_threads()}; torch {torch.__version__}"
-            f"{', CUDA ' + str(torch.version.cuda) if dev == 'cuda' else ''}; kv_paged {kv_paged.__version__}; "
-            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; head_dim {args.head_dim}, "
-            f"block_size {args.block_size}, median of {iters}")
+    info = (
+        f"device: {torch.cuda.get_device_name() if dev == 'cuda' else cpu_name()}"
+        f", threads {torch.get_num_threads()}; torch {torch.__version__}"
+        f"{', CUDA ' + str(torch.version.cuda) if dev == 'cuda' else ''}; kv_paged {kv_paged.__version__}; "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; head_dim {args.head_dim}, "
+        f"block_size {args.block_size}, median of {iters}"
+    )
     if copy_bw:
         info += f"; measured device-to-device copy bandwidth {copy_bw / 1e9:.0f} GB/s"
     text = info + "\n\n" + "\n".join(lines) + "\n"

@@ -37,7 +37,9 @@ def _register_transformers() -> None:
 _register_transformers()
 
 
-def __getattr__(name: str):  # Engine / SamplingParams load lazily: kv_paged.engine imports more modules
+def __getattr__(
+    name: str,
+):  # Engine / SamplingParams load lazily: kv_paged.engine imports more modules
     if name in ("Engine", "SamplingParams"):
         from kv_paged import engine
 

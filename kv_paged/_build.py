@@ -39,7 +39,9 @@ def load_extension():
     try:
         ext = importlib.import_module("kv_paged._C")
     except ImportError as e:
-        raise ImportError(f"kv_paged's compiled extension kv_paged._C is missing or broken ({e}). {_REBUILD}") from e
+        raise ImportError(
+            f"kv_paged's compiled extension kv_paged._C is missing or broken ({e}). {_REBUILD}"
+        ) from e
     built_torch = getattr(ext, "torch_version", None)
     if built_torch != torch.__version__:
         raise ImportError(

@@ -77,8 +77,16 @@ def paged_attention(
     seq_lens_kv[i] keys (the sliding window still bounds from the left).
     """
     return _ops.paged_attention(
-        query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv,
-        _scale(scale, query.shape[-1]), causal, _window(sliding_window), _softcap(softcap),
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        seq_lens_kv,
+        _scale(scale, query.shape[-1]),
+        causal,
+        _window(sliding_window),
+        _softcap(softcap),
     )
 
 
@@ -109,8 +117,17 @@ def flash_attention(
     position k_len - q_len + i; a query row that sees no key outputs zeros.
     """
     return _ops.flash_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-        _scale(scale, q.shape[-1]), causal, _window(sliding_window), _softcap(softcap),
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+        _scale(scale, q.shape[-1]),
+        causal,
+        _window(sliding_window),
+        _softcap(softcap),
     )
 
 
@@ -147,23 +164,50 @@ def _check_same_device(first: torch.Tensor, **others: torch.Tensor) -> None:
 
 @torch.library.register_fake("kv_paged::reshape_and_cache")
 def _reshape_and_cache_fake(key, value, k_cache, v_cache, slot_mapping) -> None:
-    _check_same_device(key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    _check_same_device(
+        key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping
+    )
     return None
 
 
 @torch.library.register_fake("kv_paged::paged_attention")
 def _paged_attention_fake(
-    query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv, scale, causal, sliding_window, softcap
+    query,
+    k_cache,
+    v_cache,
+    block_tables,
+    cu_seqlens_q,
+    seq_lens_kv,
+    scale,
+    causal,
+    sliding_window,
+    softcap,
 ) -> torch.Tensor:
     torch._check(query.dim() == 3, lambda: "query: expected [total_q, num_heads, head_dim]")
-    _check_same_device(query, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
-                       cu_seqlens_q=cu_seqlens_q, seq_lens_kv=seq_lens_kv)
+    _check_same_device(
+        query,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_tables=block_tables,
+        cu_seqlens_q=cu_seqlens_q,
+        seq_lens_kv=seq_lens_kv,
+    )
     return query.new_empty(query.shape)
 
 
 @torch.library.register_fake("kv_paged::flash_attention")
 def _flash_attention_fake(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, sliding_window, softcap
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    causal,
+    sliding_window,
+    softcap,
 ) -> torch.Tensor:
     torch._check(q.dim() == 3, lambda: "q: expected [total_q, num_heads, head_dim]")
     _check_same_device(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)

@@ -36,7 +36,9 @@ def pairwise_grid(axes: dict[str, list], seed: int = 0, candidates: int = 60) ->
         for _ in range(candidates):
             row = {n: rng.randrange(len(axes[n])) for n in names}
             row[a], row[b] = i, j
-            gain = sum((x, row[x], y, row[y]) in uncovered for x, y in itertools.combinations(names, 2))
+            gain = sum(
+                (x, row[x], y, row[y]) in uncovered for x, y in itertools.combinations(names, 2)
+            )
             if gain > best_gain:
                 best, best_gain = row, gain
         rows.append(best)
@@ -79,8 +81,17 @@ class PagedBatch:
 
 
 def make_paged_batch(
-    seq_lens_kv: list[int], q_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-    block_size: int, dtype: torch.dtype, device: str, gen: torch.Generator, *, kv_fused: bool = False,
+    seq_lens_kv: list[int],
+    q_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str,
+    gen: torch.Generator,
+    *,
+    kv_fused: bool = False,
     spare_blocks: int = 3,
 ) -> PagedBatch:
     """Pools with NaN everywhere but the sequences' positions, blocks handed out by a random
@@ -89,7 +100,9 @@ def make_paged_batch(
     num_blocks = sum(blocks_per_seq) + spare_blocks
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     if kv_fused:
-        pool = torch.full((num_blocks, 2, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+        pool = torch.full(
+            (num_blocks, 2, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype
+        )
         k_cache, v_cache = pool[:, 0], pool[:, 1]
     else:
         k_cache = torch.full(shape, float("nan"), dtype=dtype)
@@ -108,8 +121,11 @@ def make_paged_batch(
     query = randn((total_q, num_heads, head_dim), dtype, gen, pad_last=8)
     cu = torch.tensor([0] + list(itertools.accumulate(q_lens)), dtype=torch.int32)
     return PagedBatch(
-        query=query.to(device), k_cache=k_cache.to(device), v_cache=v_cache.to(device),
-        block_tables=block_tables.to(device), cu_seqlens_q=cu.to(device),
+        query=query.to(device),
+        k_cache=k_cache.to(device),
+        v_cache=v_cache.to(device),
+        block_tables=block_tables.to(device),
+        cu_seqlens_q=cu.to(device),
         seq_lens_kv=torch.tensor(seq_lens_kv, dtype=torch.int32).to(device),
     )
 
@@ -118,7 +134,9 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.detach().cpu().double() - ref.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor) -> None:
+def assert_close_to_reference(
+    out: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor
+) -> None:
     """err(ours) <= 2 * err(torch's dense attention in the same dtype) + 1e-5, outputs finite."""
     assert torch.isfinite(out).all(), "output has non-finite values (NaN from an unused slot?)"
     ours, theirs = max_err(out, ref64), max_err(torch_same_dtype, ref64)

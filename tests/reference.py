@@ -40,7 +40,9 @@ def dense_attention(
         return out
     group = num_heads // num_kv_heads
     qd = q.detach().cpu().to(dtype).transpose(0, 1)  # [H, q_len, D]
-    kd = k.detach().cpu().to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)  # [H, kv_len, D]
+    kd = (
+        k.detach().cpu().to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+    )  # [H, kv_len, D]
     vd = v.detach().cpu().to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)
     logits = (qd @ kd.transpose(1, 2)) * scale  # [H, q_len, kv_len]
     if softcap is not None and softcap > 0:
@@ -62,8 +64,18 @@ def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) 
 
 
 def paged_attention_reference(
-    query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv, *, scale, causal=True,
-    sliding_window=None, softcap=None, dtype=torch.float64,
+    query,
+    k_cache,
+    v_cache,
+    block_tables,
+    cu_seqlens_q,
+    seq_lens_kv,
+    *,
+    scale,
+    causal=True,
+    sliding_window=None,
+    softcap=None,
+    dtype=torch.float64,
 ) -> torch.Tensor:
     """Same arguments as kv_paged.ops.paged_attention -> [total_q, num_heads, head_dim] in dtype."""
     k_cache, v_cache = k_cache.cpu(), v_cache.cpu()
@@ -74,14 +86,29 @@ def paged_attention_reference(
         k = gather_blocks(k_cache, block_tables[i], kv_len)
         v = gather_blocks(v_cache, block_tables[i], kv_len)
         out[cu[i] : cu[i + 1]] = dense_attention(
-            query[cu[i] : cu[i + 1]], k, v, scale=scale, causal=causal,
-            sliding_window=sliding_window, softcap=softcap, dtype=dtype,
+            query[cu[i] : cu[i + 1]],
+            k,
+            v,
+            scale=scale,
+            causal=causal,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            dtype=dtype,
         )
     return out
 
 
 def flash_attention_reference(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale, causal=True, sliding_window=None, softcap=None,
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    *,
+    scale,
+    causal=True,
+    sliding_window=None,
+    softcap=None,
     dtype=torch.float64,
 ) -> torch.Tensor:
     """Same arguments as kv_paged.ops.flash_attention -> [total_q, num_heads, head_dim] in dtype."""
@@ -89,7 +116,13 @@ def flash_attention_reference(
     out = torch.zeros(q.shape, dtype=dtype)
     for i in range(len(cq) - 1):
         out[cq[i] : cq[i + 1]] = dense_attention(
-            q[cq[i] : cq[i + 1]], k[ck[i] : ck[i + 1]], v[ck[i] : ck[i + 1]], scale=scale,
-            causal=causal, sliding_window=sliding_window, softcap=softcap, dtype=dtype,
+            q[cq[i] : cq[i + 1]],
+            k[ck[i] : ck[i + 1]],
+            v[ck[i] : ck[i + 1]],
+            scale=scale,
+            causal=causal,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            dtype=dtype,
         )
     return out

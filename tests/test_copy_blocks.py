@@ -58,15 +58,41 @@ def test_copy_blocks_empty(gen):
 @pytest.mark.parametrize(
     "mutate, match",
     [
-        pytest.param(lambda a: a.update(m=torch.tensor([[0, 1, 2]])), "block_mapping", id="mapping-shape"),
-        pytest.param(lambda a: a.update(m=torch.tensor([[0, 1]], dtype=torch.int32)), "block_mapping", id="mapping-int32"),
-        pytest.param(lambda a: a.update(m=torch.tensor([[0, 1], [9, 2]])), r"block_mapping\[1, 0\]", id="src-out-of-range"),
-        pytest.param(lambda a: a.update(m=torch.tensor([[0, 1], [2, -1]])), r"block_mapping\[1, 1\]", id="dst-negative"),
-        pytest.param(lambda a: a.update(m=torch.tensor([[0, 1], [2, 1]])), "more than once", id="dst-repeated"),
-        pytest.param(lambda a: a.update(m=torch.tensor([[0, 1], [1, 2]])), "both a source and a destination", id="dst-is-src"),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([[0, 1, 2]])), "block_mapping", id="mapping-shape"
+        ),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([[0, 1]], dtype=torch.int32)),
+            "block_mapping",
+            id="mapping-int32",
+        ),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([[0, 1], [9, 2]])),
+            r"block_mapping\[1, 0\]",
+            id="src-out-of-range",
+        ),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([[0, 1], [2, -1]])),
+            r"block_mapping\[1, 1\]",
+            id="dst-negative",
+        ),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([[0, 1], [2, 1]])),
+            "more than once",
+            id="dst-repeated",
+        ),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([[0, 1], [1, 2]])),
+            "both a source and a destination",
+            id="dst-is-src",
+        ),
         pytest.param(lambda a: a.update(vs=a["vs"][:1]), "v_caches", id="list-lengths"),
-        pytest.param(lambda a: a["vs"].__setitem__(1, a["vs"][1][:, :2]), r"v_caches\[1\]", id="layer-shape"),
-        pytest.param(lambda a: a["ks"].__setitem__(1, a["ks"][1].half()), r"k_caches\[1\]", id="layer-dtype"),
+        pytest.param(
+            lambda a: a["vs"].__setitem__(1, a["vs"][1][:, :2]), r"v_caches\[1\]", id="layer-shape"
+        ),
+        pytest.param(
+            lambda a: a["ks"].__setitem__(1, a["ks"][1].half()), r"k_caches\[1\]", id="layer-dtype"
+        ),
         pytest.param(lambda a: a["ks"].__setitem__(0, a["ks"][0][0]), r"k_caches\[0\]", id="rank"),
     ],
 )
@@ -105,11 +131,29 @@ def test_swap_blocks(src_device, dst_device, dtype, strided, gen):
     [
         pytest.param(lambda a: a.update(dst=a["dst"].half()), "dst", id="dtype"),
         pytest.param(lambda a: a.update(dst=a["dst"][:, :2]), "dst", id="block-shape"),
-        pytest.param(lambda a: a.update(m=torch.tensor([[6, 0]])), r"block_mapping\[0, 0\]", id="src-out-of-range"),
-        pytest.param(lambda a: a.update(m=torch.tensor([[0, 9]])), r"block_mapping\[0, 1\]", id="dst-out-of-range"),
-        pytest.param(lambda a: a.update(m=torch.tensor([[0, 1], [2, 1]])), "more than once", id="dst-repeated"),
-        pytest.param(lambda a: a.update(m=torch.tensor([0, 1])), "block_mapping", id="mapping-rank"),
-        pytest.param(lambda a: a.update(m=torch.tensor([[0, 1]], dtype=torch.int32)), "block_mapping", id="mapping-int32"),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([[6, 0]])),
+            r"block_mapping\[0, 0\]",
+            id="src-out-of-range",
+        ),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([[0, 9]])),
+            r"block_mapping\[0, 1\]",
+            id="dst-out-of-range",
+        ),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([[0, 1], [2, 1]])),
+            "more than once",
+            id="dst-repeated",
+        ),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([0, 1])), "block_mapping", id="mapping-rank"
+        ),
+        pytest.param(
+            lambda a: a.update(m=torch.tensor([[0, 1]], dtype=torch.int32)),
+            "block_mapping",
+            id="mapping-int32",
+        ),
     ],
 )
 def test_swap_blocks_bad_input(mutate, match, gen):
@@ -124,6 +168,10 @@ def test_swap_blocks_bad_input(mutate, match, gen):
 
 def test_opcheck(gen):
     ks, vs = random_pools(2, 5, 4, 2, 8, torch.float32, "cpu", gen, False)
-    torch.library.opcheck(torch.ops.kv_paged.copy_blocks.default, (ks, vs, torch.tensor([[0, 3], [0, 4]])))
+    torch.library.opcheck(
+        torch.ops.kv_paged.copy_blocks.default, (ks, vs, torch.tensor([[0, 3], [0, 4]]))
+    )
     src, dst = torch.randn(4, 4, 2, 8, generator=gen), torch.zeros(6, 4, 2, 8)
-    torch.library.opcheck(torch.ops.kv_paged.swap_blocks.default, (src, dst, torch.tensor([[1, 5], [3, 0]])))
+    torch.library.opcheck(
+        torch.ops.kv_paged.swap_blocks.default, (src, dst, torch.tensor([[1, 5], [3, 0]]))
+    )

@@ -38,8 +38,10 @@ LENGTHS = [(0, 0), (1, 1), (3, 17), (20, 9), (70, 70), (0, 5)]
 
 def _id(p: dict) -> str:
     h, kvh = p["heads"]
-    return (f"d{p['head_dim']}-h{h}/{kvh}-{str(p['dtype'])[6:]}-w{p['sliding_window']}"
-            f"-cap{p['softcap']}-{'causal' if p['causal'] else 'full'}")
+    return (
+        f"d{p['head_dim']}-h{h}/{kvh}-{str(p['dtype'])[6:]}-w{p['sliding_window']}"
+        f"-cap{p['softcap']}-{'causal' if p['causal'] else 'full'}"
+    )
 
 
 def make_varlen(lengths, h, kvh, d, dtype, device, gen):
@@ -47,7 +49,15 @@ def make_varlen(lengths, h, kvh, d, dtype, device, gen):
     q = randn((sum(q_lens), h, d), dtype, gen, device, pad_last=4)
     kv = randn((sum(k_lens), 2, kvh, d), dtype, gen, device)  # k and v: strided views of one tensor
     cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
-    return q, kv[:, 0], kv[:, 1], cu(q_lens).to(device), cu(k_lens).to(device), max(q_lens), max(k_lens)
+    return (
+        q,
+        kv[:, 0],
+        kv[:, 1],
+        cu(q_lens).to(device),
+        cu(k_lens).to(device),
+        max(q_lens),
+        max(k_lens),
+    )
 
 
 def run_and_check(q, k, v, cq, ck, mq, mk, dtype, **kw):
@@ -69,8 +79,13 @@ def test_grid_is_pairwise():
 def test_flash_attention_grid(point, device, gen):
     h, kvh = point["heads"]
     args = make_varlen(LENGTHS, h, kvh, point["head_dim"], point["dtype"], device, gen)
-    out = run_and_check(*args, point["dtype"], causal=point["causal"],
-                        sliding_window=point["sliding_window"], softcap=point["softcap"])
+    out = run_and_check(
+        *args,
+        point["dtype"],
+        causal=point["causal"],
+        sliding_window=point["sliding_window"],
+        softcap=point["softcap"],
+    )
     if point["causal"]:
         start = sum(q for q, _ in LENGTHS[:3])  # sequence (20, 9): its first 11 rows see no key
         assert out[start : start + 11].eq(0).all()
@@ -91,11 +106,13 @@ def _bad_cases():
         def apply(a):
             a[key] = a[key].clone()
             a[key][index] = value
+
         return apply
 
     def set_(key, f):
         def apply(a):
             a[key] = f(a)
+
         return apply
 
     return [
@@ -120,11 +137,15 @@ def test_bad_input(mutate, match, gen):
     a = dict(q=q, k=k, v=v, cu_q=cq, cu_k=ck, max_q=mq, max_k=mk)
     mutate(a)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.kv_paged.flash_attention(a["q"], a["k"], a["v"], a["cu_q"], a["cu_k"], a["max_q"],
-                                           a["max_k"], 0.25, True, 0, 0.0)
+        torch.ops.kv_paged.flash_attention(
+            a["q"], a["k"], a["v"], a["cu_q"], a["cu_k"], a["max_q"], a["max_k"], 0.25, True, 0, 0.0
+        )
 
 
 def test_opcheck(gen):
-    q, k, v, cq, ck, mq, mk = make_varlen([(3, 5), (4, 4), (0, 2)], 4, 2, 16, torch.float32, "cpu", gen)
-    torch.library.opcheck(torch.ops.kv_paged.flash_attention.default,
-                          (q, k, v, cq, ck, mq, mk, 0.25, True, 3, 5.0))
+    q, k, v, cq, ck, mq, mk = make_varlen(
+        [(3, 5), (4, 4), (0, 2)], 4, 2, 16, torch.float32, "cpu", gen
+    )
+    torch.library.opcheck(
+        torch.ops.kv_paged.flash_attention.default, (q, k, v, cq, ck, mq, mk, 0.25, True, 3, 5.0)
+    )

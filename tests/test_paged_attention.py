@@ -40,14 +40,22 @@ GRID = pairwise_grid(AXES, seed=3)
 
 def _id(point: dict) -> str:
     h, kvh = point["heads"]
-    return (f"d{point['head_dim']}-bs{point['block_size']}-h{h}/{kvh}-{str(point['dtype'])[6:]}"
-            f"-w{point['sliding_window']}-cap{point['softcap']}-{'causal' if point['causal'] else 'full'}"
-            f"{'-fused' if point['kv_fused'] else ''}")
+    return (
+        f"d{point['head_dim']}-bs{point['block_size']}-h{h}/{kvh}-{str(point['dtype'])[6:]}"
+        f"-w{point['sliding_window']}-cap{point['softcap']}-{'causal' if point['causal'] else 'full'}"
+        f"{'-fused' if point['kv_fused'] else ''}"
+    )
 
 
 def run_and_check(batch, dtype, **kw):
-    args = (batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_seqlens_q,
-            batch.seq_lens_kv)
+    args = (
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.cu_seqlens_q,
+        batch.seq_lens_kv,
+    )
     out = ops.paged_attention(*args, **kw)
     assert out.shape == batch.query.shape and out.dtype == dtype and out.is_contiguous()
     scale = kw.pop("scale", None) or batch.query.shape[-1] ** -0.5
@@ -70,22 +78,49 @@ def test_paged_attention_grid(point, device, gen):
     # a whole prompt, a chunk of 2 * block_size + 3.
     seq_lens_kv = [23, 2 * bs + 3, 11, 0, 1, 33]
     q_lens = [1, 5, 0, 0, 1, 33]
-    batch = make_paged_batch(seq_lens_kv, q_lens, h, kvh, point["head_dim"], bs, point["dtype"],
-                             device, gen, kv_fused=point["kv_fused"])
-    run_and_check(batch, point["dtype"], causal=point["causal"],
-                  sliding_window=point["sliding_window"], softcap=point["softcap"])
+    batch = make_paged_batch(
+        seq_lens_kv,
+        q_lens,
+        h,
+        kvh,
+        point["head_dim"],
+        bs,
+        point["dtype"],
+        device,
+        gen,
+        kv_fused=point["kv_fused"],
+    )
+    run_and_check(
+        batch,
+        point["dtype"],
+        causal=point["causal"],
+        sliding_window=point["sliding_window"],
+        softcap=point["softcap"],
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads, head_dim, block_size", [((8, 8), 64, 16), ((8, 4), 80, 1), ((12, 4), 128, 32), ((8, 1), 256, 8)])
+@pytest.mark.parametrize(
+    "heads, head_dim, block_size",
+    [((8, 8), 64, 16), ((8, 4), 80, 1), ((12, 4), 128, 32), ((8, 1), 256, 8)],
+)
 def test_decode_batch(heads, head_dim, block_size, dtype, device, gen):
     """Decode-shaped calls (q_len <= 4, many sequences): the CPU kernel groups kv heads per work item
     here, a different path from the prefill grid above."""
     seq_lens_kv = [1, 0, 37, 16, 70, 5, 3, 64, 2, 9, 33, 48]
     q_lens = [1, 0, 1, 4, 1, 0, 3, 1, 2, 1, 1, 1]
-    batch = make_paged_batch(seq_lens_kv, q_lens, *heads, head_dim, block_size, dtype, device, gen,
-                             kv_fused=block_size == 32)
+    batch = make_paged_batch(
+        seq_lens_kv,
+        q_lens,
+        *heads,
+        head_dim,
+        block_size,
+        dtype,
+        device,
+        gen,
+        kv_fused=block_size == 32,
+    )
     run_and_check(batch, dtype)
     run_and_check(batch, dtype, sliding_window=6, softcap=2.0)
 
@@ -103,10 +138,24 @@ def test_window_edges_and_explicit_scale(device, gen):
     run_and_check(batch, torch.float32, sliding_window=1)  # each query sees only itself
     run_and_check(batch, torch.float32, sliding_window=1000)  # wider than the context: no effect
     run_and_check(batch, torch.float32, scale=0.3)
-    off = ops.paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
-                              batch.cu_seqlens_q, batch.seq_lens_kv, sliding_window=0, softcap=0.0)
-    on = ops.paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
-                             batch.cu_seqlens_q, batch.seq_lens_kv)
+    off = ops.paged_attention(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.cu_seqlens_q,
+        batch.seq_lens_kv,
+        sliding_window=0,
+        softcap=0.0,
+    )
+    on = ops.paged_attention(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.cu_seqlens_q,
+        batch.seq_lens_kv,
+    )
     assert torch.equal(off, on)
 
 
@@ -121,8 +170,14 @@ def test_shared_prefix_blocks(device, gen):
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_query(device, gen):
     batch = make_paged_batch([4, 0], [0, 0], 4, 2, 16, 4, torch.float16, device, gen)
-    out = ops.paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
-                              batch.cu_seqlens_q, batch.seq_lens_kv)
+    out = ops.paged_attention(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.cu_seqlens_q,
+        batch.seq_lens_kv,
+    )
     assert out.shape == (0, 4, 16)
 
 
@@ -140,20 +195,44 @@ def _bad_cases():
         mod("kcache-dtype", set_arg("k_cache", lambda a: a["k_cache"].half()), "k_cache"),
         mod("kcache-rank", set_arg("k_cache", lambda a: a["k_cache"].flatten(2)), "k_cache"),
         mod("vcache-shape", set_arg("v_cache", lambda a: a["v_cache"][:, :, :1]), "v_cache"),
-        mod("head-dim-mismatch", set_arg("query", lambda a: a["query"][..., :8].contiguous()), "head_dim"),
-        mod("heads-not-multiple", set_arg("query", lambda a: a["query"][:, :3].contiguous()), "num_heads"),
+        mod(
+            "head-dim-mismatch",
+            set_arg("query", lambda a: a["query"][..., :8].contiguous()),
+            "head_dim",
+        ),
+        mod(
+            "heads-not-multiple",
+            set_arg("query", lambda a: a["query"][:, :3].contiguous()),
+            "num_heads",
+        ),
         mod("query-head-dim-strided", set_arg("query", lambda a: a["query"][..., ::2]), "query"),
         mod("block-id-too-large", write_arg("block_tables", (1, 0), 10_000), "block_tables"),
         mod("block-id-negative", write_arg("block_tables", (0, 1), -1), "block_tables"),
-        mod("block-tables-int64", set_arg("block_tables", lambda a: a["block_tables"].long()), "block_tables"),
-        mod("block-tables-rows", set_arg("block_tables", lambda a: a["block_tables"][:1]), "block_tables"),
+        mod(
+            "block-tables-int64",
+            set_arg("block_tables", lambda a: a["block_tables"].long()),
+            "block_tables",
+        ),
+        mod(
+            "block-tables-rows",
+            set_arg("block_tables", lambda a: a["block_tables"][:1]),
+            "block_tables",
+        ),
         mod("seq-len-beyond-capacity", write_arg("seq_lens_kv", 0, 10_000), "seq_lens_kv"),
         mod("seq-len-negative", write_arg("seq_lens_kv", 1, -1), "seq_lens_kv"),
-        mod("seq-lens-int64", set_arg("seq_lens_kv", lambda a: a["seq_lens_kv"].long()), "seq_lens_kv"),
+        mod(
+            "seq-lens-int64",
+            set_arg("seq_lens_kv", lambda a: a["seq_lens_kv"].long()),
+            "seq_lens_kv",
+        ),
         mod("cu-seqlens-decreasing", write_arg("cu_seqlens_q", 1, 8), "cu_seqlens_q"),
         mod("cu-seqlens-first-nonzero", write_arg("cu_seqlens_q", 0, 1), "cu_seqlens_q"),
         mod("cu-seqlens-total", write_arg("cu_seqlens_q", 2, 5), "cu_seqlens_q"),
-        mod("cu-seqlens-length", set_arg("cu_seqlens_q", lambda a: a["cu_seqlens_q"][:2]), "cu_seqlens_q"),
+        mod(
+            "cu-seqlens-length",
+            set_arg("cu_seqlens_q", lambda a: a["cu_seqlens_q"][:2]),
+            "cu_seqlens_q",
+        ),
         mod("q-len-beyond-kv", write_arg("seq_lens_kv", 1, 2), "seq_lens_kv"),
         mod("scale-nan", set_arg("scale", lambda a: float("nan")), "scale"),
     ]
@@ -162,13 +241,29 @@ def _bad_cases():
 @pytest.mark.parametrize("mutate, match", _bad_cases())
 def test_bad_input(mutate, match, gen):
     batch = make_paged_batch([10, 9], [1, 6], 4, 2, 16, 4, torch.float32, "cpu", gen)
-    a = dict(query=batch.query, k_cache=batch.k_cache, v_cache=batch.v_cache,
-             block_tables=batch.block_tables, cu_seqlens_q=batch.cu_seqlens_q,
-             seq_lens_kv=batch.seq_lens_kv, scale=0.25)
+    a = dict(
+        query=batch.query,
+        k_cache=batch.k_cache,
+        v_cache=batch.v_cache,
+        block_tables=batch.block_tables,
+        cu_seqlens_q=batch.cu_seqlens_q,
+        seq_lens_kv=batch.seq_lens_kv,
+        scale=0.25,
+    )
     mutate(a)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.kv_paged.paged_attention(a["query"], a["k_cache"], a["v_cache"], a["block_tables"],
-                                           a["cu_seqlens_q"], a["seq_lens_kv"], a["scale"], True, 0, 0.0)
+        torch.ops.kv_paged.paged_attention(
+            a["query"],
+            a["k_cache"],
+            a["v_cache"],
+            a["block_tables"],
+            a["cu_seqlens_q"],
+            a["seq_lens_kv"],
+            a["scale"],
+            True,
+            0,
+            0.0,
+        )
 
 
 def test_bad_device():
@@ -176,8 +271,14 @@ def test_bad_device():
     q = torch.randn(1, 2, 8)
     cache = torch.zeros(2, 4, 2, 8, device="meta")
     with pytest.raises(RuntimeError, match="k_cache"):
-        ops.paged_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.int32),
-                            torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1], dtype=torch.int32))
+        ops.paged_attention(
+            q,
+            cache,
+            cache,
+            torch.zeros(1, 1, dtype=torch.int32),
+            torch.tensor([0, 1], dtype=torch.int32),
+            torch.tensor([1], dtype=torch.int32),
+        )
 
 
 # ---- registration: opcheck and torch.compile ----------------------------------------------------
@@ -185,8 +286,18 @@ def test_bad_device():
 
 def test_opcheck(gen):
     batch = make_paged_batch([10, 9, 0], [1, 6, 0], 4, 2, 16, 4, torch.float32, "cpu", gen)
-    args = (batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_seqlens_q,
-            batch.seq_lens_kv, 0.25, True, 3, 5.0)
+    args = (
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.cu_seqlens_q,
+        batch.seq_lens_kv,
+        0.25,
+        True,
+        3,
+        5.0,
+    )
     torch.library.opcheck(torch.ops.kv_paged.paged_attention.default, args)
 
 
@@ -197,19 +308,33 @@ def test_compile_reshape_and_cache_then_paged_attention(gen):
     lens = batch.seq_lens_kv
     key, value = torch.randn(3, 2, 16, generator=gen), torch.randn(3, 2, 16, generator=gen)
     bt = batch.block_tables.long()
-    slots = torch.stack([bt[i, (n - 1) // 4] * 4 + (n - 1) % 4 for i, n in enumerate(lens.tolist())])
+    slots = torch.stack(
+        [bt[i, (n - 1) // 4] * 4 + (n - 1) % 4 for i, n in enumerate(lens.tolist())]
+    )
 
     def step(query, key, value, k_cache, v_cache, slot_mapping, block_tables, cu, seq_lens):
         ops.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
-        return ops.paged_attention(query, k_cache, v_cache, block_tables, cu, seq_lens, softcap=20.0)
+        return ops.paged_attention(
+            query, k_cache, v_cache, block_tables, cu, seq_lens, softcap=20.0
+        )
 
     k_eager, v_eager = batch.k_cache.clone(), batch.v_cache.clone()
-    eager = step(batch.query, key, value, k_eager, v_eager, slots, batch.block_tables,
-                 batch.cu_seqlens_q, lens)
+    eager = step(
+        batch.query,
+        key,
+        value,
+        k_eager,
+        v_eager,
+        slots,
+        batch.block_tables,
+        batch.cu_seqlens_q,
+        lens,
+    )
     compiled = torch.compile(step, fullgraph=True)
     k_comp, v_comp = batch.k_cache.clone(), batch.v_cache.clone()
-    out = compiled(batch.query, key, value, k_comp, v_comp, slots, batch.block_tables,
-                   batch.cu_seqlens_q, lens)
+    out = compiled(
+        batch.query, key, value, k_comp, v_comp, slots, batch.block_tables, batch.cu_seqlens_q, lens
+    )
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, eager)
     assert torch.equal(k_comp.nan_to_num(7.0), k_eager.nan_to_num(7.0))

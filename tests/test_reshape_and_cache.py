@@ -43,7 +43,12 @@ def test_grid_is_pairwise():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("point", GRID, ids=lambda p: "-".join(str(v) for v in p.values()))
 def test_reshape_and_cache_grid(point, device, gen):
-    bs, kvh, d, dtype = point["block_size"], point["num_kv_heads"], point["head_dim"], point["dtype"]
+    bs, kvh, d, dtype = (
+        point["block_size"],
+        point["num_kv_heads"],
+        point["head_dim"],
+        point["dtype"],
+    )
     num_blocks, num_tokens = 7, 13
     k_cache, v_cache = make_pools(num_blocks, bs, kvh, d, dtype, device, point["kv_fused"])
     key, value = make_inputs(num_tokens, kvh, d, dtype, device, gen)
@@ -64,7 +69,9 @@ def test_empty_and_all_padding(device, gen):
     k_cache, v_cache = make_pools(2, 4, 2, 8, torch.float32, device, False)
     key, value = make_inputs(3, 2, 8, torch.float32, device, gen)
     ops.reshape_and_cache(key, value, k_cache, v_cache, torch.full((3,), -1, device=device))
-    ops.reshape_and_cache(key[:0], value[:0], k_cache, v_cache, torch.zeros(0, dtype=torch.long, device=device))
+    ops.reshape_and_cache(
+        key[:0], value[:0], k_cache, v_cache, torch.zeros(0, dtype=torch.long, device=device)
+    )
     assert k_cache.isnan().all() and v_cache.isnan().all()
 
 
@@ -112,5 +119,7 @@ def test_opcheck(gen):
     k_cache, v_cache = make_pools(3, 4, 2, 8, torch.float32, "cpu", True)
     k_cache, v_cache = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
     key, value = make_inputs(5, 2, 8, torch.float32, "cpu", gen)
-    torch.library.opcheck(torch.ops.kv_paged.reshape_and_cache.default,
-                          (key, value, k_cache, v_cache, torch.tensor([0, -1, 11, 4, 7])))
+    torch.library.opcheck(
+        torch.ops.kv_paged.reshape_and_cache.default,
+        (key, value, k_cache, v_cache, torch.tensor([0, -1, 11, 4, 7])),
+    )
