@@ -18,12 +18,12 @@ ifeq ($(origin PYTHON),undefined)
 endif
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test build python-env gtest cpp-test cuda-check pytest bench clean
+.PHONY: demo test build python-env gtest cpp-test cuda-check lint pytest bench clean
 
 demo: build
 	$(PYTHON) -m kv_paged demo
 
-test: build cpp-test cuda-check pytest
+test: build cpp-test cuda-check lint pytest
 
 # Python environment: torch (pinned, only when none is importable) and the test/demo dependencies.
 # Each is installed only when missing, so this works offline where everything is already there.
@@ -58,6 +58,12 @@ cpp-test: gtest
 cuda-check:
 	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(PYTHON) bash tools/cuda_check.sh; \
 	else echo "cuda-check: nvcc not found, skipped"; fi
+
+# ruff lint + format check (config in pyproject.toml); skipped where ruff is missing (offline GPU machine).
+lint: python-env
+	@if $(PYTHON) -m ruff --version >/dev/null 2>&1; then \
+	  $(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check kv_paged tests benchmarks tools; \
+	else echo "lint: ruff not installed, skipped"; [ "$${CI:-}" != true ] || exit 1; fi
 
 pytest: build
 	$(PYTHON) -m pytest -q tests

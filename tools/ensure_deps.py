@@ -17,6 +17,7 @@ REQUIREMENTS = {
     "transformers": "transformers>=5.0,<6",
     "matplotlib": "matplotlib",
     "tqdm": "tqdm",
+    "ruff": "ruff==0.16.9",  # `make lint`; pinned because formatting changes between releases
 }
 
 
