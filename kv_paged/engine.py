@@ -41,6 +41,19 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """Latency of one request, in seconds (time.perf_counter() stamps, as vLLM's RequestMetrics)."""
+
+    arrival_time: float
+    first_token_time: float | None  # None until the first token of any sample is sampled
+    finished_time: float | None  # None until every sample finished
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -48,6 +61,7 @@ class RequestOutput:
     finished: bool
     error: str | None = None  # why the request could not be served (it then has no outputs)
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    metrics: RequestMetrics | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -170,6 +184,7 @@ class Engine:
             seed,
             arrival=len(self._requests),
             stop_ids=params.stop_set(self.eos_token_ids),
+            arrival_time=time.perf_counter(),
         )
         req.forked = params.n == 1
         for i in range(params.n):
@@ -393,9 +408,12 @@ class Engine:
                 self.scheduler.running.insert(self.scheduler.running.index(parent) + seq.index, seq)
                 m.forks += 1
         touched: dict[str, Request] = {}
+        t1 = time.perf_counter()
         for seq, token in zip(row_seqs, tokens):
             req = seq.request
             req.forked = True
+            if req.first_token_time is None:
+                req.first_token_time = t1
             seq.token_ids.append(token)
             touched[req.request_id] = req
             out_len = len(seq.token_ids) - seq.prompt_len
@@ -403,7 +421,6 @@ class Engine:
                 self.scheduler.finish(seq, "stop")
             elif out_len >= req.params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
                 self.scheduler.finish(seq, "length")
-        t1 = time.perf_counter()
 
         m.steps += 1
         m.prefix_queried_tokens = self.scheduler.prefix_queried_tokens - self._prefix_base[0]
@@ -444,9 +461,17 @@ class Engine:
                     )
                 )
         if req.finished:
+            req.finished_time = time.perf_counter()
             for seq in req.seqs:
                 self._emitted.pop(seq.seq_id, None)
             self._metrics.num_finished += 1
+            if req.error is None and req.first_token_time is not None:
+                num_tokens = max(len(c.token_ids) for c in outs) if outs else 0
+                self._metrics.record_request(
+                    req.first_token_time - req.arrival_time,
+                    req.finished_time - req.first_token_time,
+                    num_tokens,
+                )
         return RequestOutput(
             req.request_id,
             list(req.prompt_token_ids),
@@ -454,6 +479,7 @@ class Engine:
             req.finished,
             req.error,
             req.num_cached_tokens,
+            RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
         )
 
 

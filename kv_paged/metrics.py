@@ -7,6 +7,7 @@ reservation a max-length cache makes: each live sample reserves prompt + max_new
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -29,6 +30,10 @@ class EngineMetrics:
     forks: int = 0
     cow_copies: int = 0
     forward_time: float = 0.0
+    # Per finished request: seconds from add_request to its first token, and mean seconds per
+    # output token after the first (vLLM's TTFT and TPOT; TPOT only for requests of >= 2 tokens).
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
     # Timeline, one point per step: seconds since start, blocks referenced (paged + shared), blocks
     # a paged cache without sharing would hold, and slots a contiguous max-length reservation holds.
     t: list[float] = field(default_factory=list)
@@ -47,6 +52,11 @@ class EngineMetrics:
         self.blocks_in_use.append(blocks_in_use)
         self.blocks_unshared.append(blocks_unshared)
         self.contiguous_tokens.append(contiguous_tokens)
+
+    def record_request(self, ttft: float, decode_time: float, num_tokens: int) -> None:
+        self.ttft.append(ttft)
+        if num_tokens >= 2:
+            self.tpot.append(decode_time / (num_tokens - 1))
 
     @property
     def elapsed(self) -> float:
@@ -78,6 +88,9 @@ class EngineMetrics:
             "prefix_hit_rate": self.prefix_hit_tokens / self.prefix_queried_tokens
             if self.prefix_queried_tokens
             else 0.0,
+            "ttft_mean_s": mean(self.ttft),
+            "ttft_p99_s": _percentile(self.ttft, 0.99),
+            "tpot_mean_s": mean(self.tpot),
             "preemptions": self.preemptions,
             "forks": self.forks,
             "cow_copies": self.cow_copies,
@@ -99,6 +112,11 @@ class EngineMetrics:
             ("tokens generated", f"{s['generated_tokens']:,}"),
             ("prefill throughput", f"{s['prefill_tok_per_s']:,.0f} tok/s"),
             ("decode throughput", f"{s['decode_tok_per_s']:,.0f} tok/s"),
+            (
+                "time to first token",
+                f"mean {1e3 * s['ttft_mean_s']:,.1f} ms, p99 {1e3 * s['ttft_p99_s']:,.1f} ms",
+            ),
+            ("time per output token", f"mean {1e3 * s['tpot_mean_s']:,.2f} ms"),
             (
                 "KV pool",
                 f"{self.num_blocks} blocks x {self.block_size} tokens ({self.num_blocks * mib:,.1f} MiB)",
@@ -123,3 +141,12 @@ class EngineMetrics:
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    """The q-quantile of xs by the nearest-rank method (0.0 for no data)."""
+    if not xs:
+        return 0.0
+    ordered = sorted(xs)
+    rank = math.ceil(q * len(ordered) - 1e-9)  # 1-based; the epsilon absorbs float error in q * n
+    return ordered[min(max(rank, 1), len(ordered)) - 1]

@@ -36,6 +36,10 @@ class Request:
     forked: bool = False  # n > 1: children exist once the prompt is computed
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
+    # time.perf_counter() stamps: added, first token of any sample sampled, last sample finished.
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finished_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 
 import pytest
 import torch
@@ -409,3 +410,87 @@ def test_single_prompt_forms(model, eager):
         assert len(outs) == 1 and outs[0].token_ids == ref
     engine.tokenizer = CharTokenizer()
     assert len(engine.generate("hi there", greedy(), use_tqdm=False)) == 1
+
+
+def test_latency_metrics(model):
+    ps = prompts(26, [5, 19, 33])
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE, max_num_batched_tokens=16)
+    t0 = time.perf_counter()
+    outs = engine.generate(ps, [greedy(max_new=1), greedy(), greedy(max_new=4)], use_tqdm=False)
+    t1 = time.perf_counter()
+    for o in outs:
+        m = o.metrics
+        assert t0 <= m.arrival_time <= m.first_token_time <= m.finished_time <= t1
+        assert m.time_to_first_token == m.first_token_time - m.arrival_time
+    em = engine.metrics()
+    assert len(em.ttft) == 3 and len(em.tpot) == 2  # a 1-token reply has no time per output token
+    # The 33-token prompt is prefilled in 3 chunks of <= 16 tokens: its first token comes last.
+    assert outs[2].metrics.time_to_first_token == max(em.ttft)
+    s = em.summary()
+    assert s["ttft_p99_s"] == max(em.ttft) and 0 < s["ttft_mean_s"] <= s["ttft_p99_s"]
+    assert "time to first token" in em.table()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_workload_small_pool(model, seed):
+    # Staggered arrivals, shared prefixes, n in {1, 2, 3}, greedy and sampled requests, one abort,
+    # a pool that forces preemption: invariants hold after every step and every request that was
+    # not aborted gets exactly the tokens it gets alone in a large pool.
+    rng = random.Random(seed)
+    bases = [prompts(100 + seed, [rng.randrange(8, 25)])[0] for _ in range(2)]
+    requests = []
+    for i in range(12):
+        tail = prompts(200 + 12 * seed + i, [rng.randrange(1, 20)])[0]
+        prompt = (rng.choice(bases) if rng.random() < 0.6 else []) + tail
+        temperature = rng.choice([0.0, 1.0])
+        params = SamplingParams(
+            max_new_tokens=rng.randrange(1, 20),
+            temperature=temperature,
+            top_k=rng.choice([None, 10]),
+            top_p=rng.choice([1.0, 0.8]),
+            n=rng.choice([1, 1, 2, 3]),
+            seed=1000 * seed + i,
+        )
+        requests.append((prompt, params))
+    ref = Engine(model, num_blocks=256, block_size=BLOCK_SIZE)
+    ref_out = {
+        str(i): [c.token_ids for c in o.outputs]
+        for i, o in enumerate(
+            ref.generate([p for p, _ in requests], [q for _, q in requests], use_tqdm=False)
+        )
+    }
+    need = max(-(-(len(p) + q.max_new_tokens - 1) // BLOCK_SIZE) for p, q in requests)
+    engine = Engine(
+        model,
+        num_blocks=need + rng.randrange(0, 4),
+        block_size=BLOCK_SIZE,
+        max_num_batched_tokens=rng.choice([8, 16, 64]),
+        max_num_seqs=rng.choice([3, 8, 256]),
+    )
+    bm = engine.block_manager
+    pending = list(enumerate(requests))
+    abort_id, abort_step = str(rng.randrange(12)), rng.randrange(2, 12)
+    finished, step = {}, 0
+    while pending or engine.has_unfinished():
+        arriving = pending[: rng.randrange(0, 4)]
+        del pending[: len(arriving)]
+        for i, (p, q) in arriving:
+            engine.add_request(p, q, request_id=str(i))
+        if step == abort_step and abort_id in engine._requests:
+            engine.abort(abort_id)
+        for o in engine.step():
+            if o.finished:
+                finished[o.request_id] = o
+        step += 1
+        bm.check_invariants()
+        assert bm.stats()["blocks_in_use"] <= engine.num_blocks
+        for s in engine.scheduler.running:
+            assert bm.seq_len(s.seq_id) == s.num_in_manager
+    assert engine.metrics().preemptions > 0 and engine.metrics().forks > 0  # the pool was tight
+    assert sorted(finished, key=int) == [str(i) for i in range(12)]
+    for rid, out in finished.items():
+        assert out.error is None
+        if rid == abort_id and any(c.finish_reason == "abort" for c in out.outputs):
+            continue
+        assert [c.token_ids for c in out.outputs] == ref_out[rid], f"request {rid}"
+    check_freed(engine)
