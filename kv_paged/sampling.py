@@ -90,42 +90,97 @@ def make_generator(seed: int, index: int) -> torch.Generator:
     return g
 
 
+# Rows without top_k look for their top_p nucleus among this many most likely tokens first and
+# sort the whole vocabulary only when the nucleus is larger (rare with real models' peaked logits).
+TOP_P_CANDIDATES = 1024
+
+
 def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
 ) -> list[int]:
     """One token per row.
 
     logits: [B, vocab] (any float dtype, any device); params, generators: length B.
-    Greedy rows take argmax. The others, in float32 on the CPU and vectorised: sort each row once,
-    keep its top_k, softmax, keep the top_p nucleus, then invert the CDF at one uniform drawn from
-    the row's own generator, so a row's token depends only on its logits and its generator.
+    Greedy rows take argmax. The others, in float32 on the logits' device: temperature, then
+    - no top_k and no top_p: invert the CDF of softmax over the vocabulary, no sort;
+    - otherwise: the row's top candidates in descending order (top_k of them, or TOP_P_CANDIDATES
+      for a top_p-only row, or the whole sorted vocabulary when its nucleus is bigger than that),
+      keep the top_p nucleus and invert its CDF.
+    Each inversion uses one uniform drawn from the row's own CPU generator, so a row's token depends
+    only on its logits and its generator, never on the other rows. One host sync in all.
     """
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
         raise ValueError(
             f"sample: logits must be [B, vocab] with B = len(params) = len(generators), got "
             f"{tuple(logits.shape)}, {len(params)}, {len(generators)}"
         )
-    out = logits.argmax(dim=-1).tolist()
+    tokens = logits.argmax(dim=-1)  # [B]
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
-        return out
-    vocab = logits.shape[1]
-    sub = logits[rows].float().cpu()  # [R, vocab]
-    temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32)  # [R]
-    top_k = torch.tensor([params[i].top_k or vocab for i in rows]).clamp_(max=vocab)  # [R]
-    top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32)  # [R]
-    sorted_logits, order = torch.sort(sub / temps[:, None], dim=-1, descending=True)  # [R, vocab]
-    rank = torch.arange(vocab)[None, :]  # [1, vocab]
-    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)  # [R, vocab], descending
+        return tokens.tolist()
+    device, vocab = logits.device, logits.shape[1]
+    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]).to(device)  # [R]
+    temps = torch.tensor([params[i].temperature for i in rows], device=device)  # [R]
+    x = logits[rows].float() / temps[:, None]  # [R, vocab]
+    picked = torch.empty(len(rows), dtype=torch.int64, device=device)  # [R] token ids
+
+    plain = [r for r, i in enumerate(rows) if not params[i].top_k and params[i].top_p >= 1.0]
+    if plain:
+        picked[plain] = _invert_cdf(torch.softmax(x[plain], dim=-1), u[plain])
+
+    truncated = [r for r, i in enumerate(rows) if params[i].top_k or params[i].top_p < 1.0]
+    for full_sort in (False, True):
+        if not truncated:
+            break
+        sel = [rows[r] for r in truncated]
+        top_k = [min(params[i].top_k or vocab, vocab) for i in sel]
+        width = [vocab if full_sort else min(k, TOP_P_CANDIDATES) for k in top_k]
+        tok, covered = _sample_truncated(
+            x[truncated],
+            u[truncated],
+            torch.tensor(width, device=device),
+            torch.tensor([k < vocab for k in top_k], device=device),
+            torch.tensor([params[i].top_p for i in sel], device=device),
+        )
+        picked[truncated] = tok
+        truncated = [r for r, ok in zip(truncated, covered.tolist()) if not ok]
+    tokens[rows] = picked
+    return tokens.tolist()
+
+
+def _sample_truncated(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    width: torch.Tensor,
+    has_top_k: torch.Tensor,
+    top_p: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [R, vocab] tempered logits; u: [R] uniforms; width: [R] candidates per row (top_k, or a
+    top_p search width); has_top_k, top_p: [R]. Returns (tokens [R], covered [R] bool): covered is
+    False for a top_p-only row whose nucleus reaches past its candidates (redo it with width=vocab)."""
+    k = int(width.max())
+    values, order = torch.topk(x, k, dim=-1, sorted=True)  # [R, k] descending
+    rank = torch.arange(k, device=x.device)[None, :]  # [1, k]
+    values = values.masked_fill(rank >= width[:, None], float("-inf"))
+    # top_k renormalises over its k tokens; top_p alone needs probabilities over the whole vocabulary.
+    log_z = torch.where(
+        has_top_k, torch.logsumexp(values, dim=-1), torch.logsumexp(x, dim=-1)
+    )  # [R]
+    probs = torch.exp(values - log_z[:, None])  # [R, k]
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    covered = has_top_k | (probs.sum(dim=-1) >= top_p)
     # Keep a token while the mass before it is below top_p: the top token always survives.
-    probs = probs.masked_fill((torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None], 0.0)
-    cdf = torch.cumsum(probs, dim=-1)  # [R, vocab]
-    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows])  # [R]
+    probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    pick = _invert_cdf(probs, u)  # [R] ranks
+    return order.gather(1, pick[:, None])[:, 0], covered
+
+
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs: [R, n] non-negative (unnormalised is fine); u: [R] in [0, 1). Returns [R] indices
+    j with cdf[j - 1] <= u * total < cdf[j], never an index of zero probability."""
+    cdf = torch.cumsum(probs, dim=-1)  # [R, n]
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # [R]
-    # Rounding can land past the last kept token: clamp to it.
-    pick = torch.minimum(pick, (probs > 0).sum(dim=-1) - 1)
-    tokens = order.gather(1, pick[:, None])[:, 0].tolist()
-    for r, i in enumerate(rows):
-        out[i] = tokens[r]
-    return out
+    # Rounding can land past the last token with probability > 0: clamp to it.
+    n = probs.shape[1]
+    last = n - 1 - torch.argmax(torch.flip(probs > 0, dims=[1]).to(torch.uint8), dim=-1)
+    return torch.minimum(pick, last)

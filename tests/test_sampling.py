@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kv_paged import sampling
 from kv_paged.sampling import SamplingParams, make_generator, sample
 
 VOCAB = 50
@@ -34,7 +35,10 @@ def reference_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         SamplingParams(temperature=0.8, top_k=10, top_p=0.5),
     ],
 )
-def test_sampled_frequencies_match_reference(params):
+@pytest.mark.parametrize("candidates", [sampling.TOP_P_CANDIDATES, 2])
+def test_sampled_frequencies_match_reference(params, candidates, monkeypatch):
+    # candidates=2: a top_p-only nucleus is bigger than the candidate set, so the full-sort pass runs.
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", candidates)
     g = torch.Generator().manual_seed(0)
     row = torch.randn(VOCAB, generator=g) * 2  # distinct values: no ties at the top_k edge
     n = 6000
@@ -42,13 +46,17 @@ def test_sampled_frequencies_match_reference(params):
     tokens = sample(row.expand(n, VOCAB), [params] * n, gens)
     freq = torch.bincount(torch.tensor(tokens), minlength=VOCAB).double() / n
     ref = reference_probs(row, params)
+    if params.top_p < 1 and not params.top_k and candidates == 2:
+        assert (ref > 0).sum() > candidates, "the nucleus must outgrow the candidates here"
     assert (freq[ref == 0] == 0).all(), "a filtered-out token was sampled"
     # 5 sigma of a binomial proportion, per token.
     tol = 5 * torch.sqrt(ref * (1 - ref) / n) + 1e-9
     assert ((freq - ref).abs() <= tol).all(), (freq - ref).abs().max()
 
 
-def test_rows_are_independent_of_the_batch():
+@pytest.mark.parametrize("candidates", [sampling.TOP_P_CANDIDATES, 2])
+def test_rows_are_independent_of_the_batch(candidates, monkeypatch):
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", candidates)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, VOCAB, generator=g)
     params = [
@@ -84,3 +92,19 @@ def test_bad_input():
         SamplingParams(n=True)
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=1.5)
+
+
+def test_masked_vocabulary_is_never_sampled():
+    # -inf logits (a padded or banned vocabulary tail) get probability 0 on every path.
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, VOCAB, generator=g)
+    logits[:, 40:] = float("-inf")
+    params = [
+        SamplingParams(temperature=3.0),
+        SamplingParams(temperature=3.0, top_k=45),
+        SamplingParams(temperature=3.0, top_p=0.999),
+        SamplingParams(temperature=3.0, top_k=48, top_p=0.999),
+    ]
+    for seed in range(200):
+        tokens = sample(logits, params, [make_generator(seed, i) for i in range(4)])
+        assert max(tokens) < 40, tokens
