@@ -143,7 +143,10 @@ def run_hf_generate_batch(model, requests, args):
     return [result[f"r{i}"] for i in range(len(requests))]
 
 
-def run_kv_paged_engine(model, requests, args, engine_box={}):  # noqa: B006
+_last_engine = {}  # the kv_paged engine of the last run, for its metrics line in the report
+
+
+def run_kv_paged_engine(model, requests, args):
     from kv_paged.engine import Engine
     from kv_paged.sampling import SamplingParams
 
@@ -153,7 +156,7 @@ def run_kv_paged_engine(model, requests, args, engine_box={}):  # noqa: B006
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
-    engine_box["engine"] = engine
+    _last_engine["engine"] = engine
     params = [
         SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests
     ]
@@ -169,10 +172,27 @@ BACKENDS = {
 }
 
 
+# --preset: shapes of real models (random weights); flags given explicitly still win.
+PRESETS = {
+    # TinyLlama-1.1B's shape: the "~1B-parameter Llama config" for the GPU run.
+    "llama-1b": dict(
+        hidden=2048,
+        intermediate=5632,
+        layers=22,
+        heads=32,
+        kv_heads=4,
+        vocab=32000,
+        device="cuda",
+        dtype="bfloat16",
+    ),
+}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a model shape, device and dtype")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--min-prompt", type=int, default=16)
     p.add_argument("--max-prompt", type=int, default=384)
@@ -196,6 +216,20 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append a markdown results section to this file")
     args = p.parse_args()
+    if args.preset:
+        given = {
+            a.dest
+            for a in p._actions
+            for o in a.option_strings
+            if any(arg == o or arg.startswith(o + "=") for arg in sys.argv[1:])
+        }
+        for key, value in PRESETS[args.preset].items():
+            if key not in given:
+                setattr(args, key, value)
+
+    for low, high in (("min_prompt", "max_prompt"), ("min_new", "max_new")):
+        if not 1 <= getattr(args, low) <= getattr(args, high):
+            p.error(f"need 1 <= --{low.replace('_', '-')} <= --{high.replace('_', '-')}")
 
     import transformers
 
@@ -265,7 +299,7 @@ def main() -> int:
             )
         else:
             lines.append(f"| {name} | - | - | - | - | {notes.get(name, '')} |")
-    eng = run_kv_paged_engine.__defaults__[0].get("engine")
+    eng = _last_engine.get("engine")
     if eng is not None:
         s = eng.metrics().summary()
         lines += [
