@@ -66,7 +66,7 @@ def want_cuda() -> bool:
 
 def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
-    sources = ["csrc/torch_bindings.cpp", "csrc/block_manager.cpp"]
+    sources = ["csrc/torch_bindings.cpp", "csrc/block_manager.cpp", "csrc/prefix_cache.cpp"]
     sources += rel("csrc/cpu/*.cpp") + rel("csrc/ops/*.cpp")
     with_cuda = want_cuda()
     # AVX2 + FMA is the x86-64 baseline the CPU kernels are written for (csrc/cpu/vec.h).

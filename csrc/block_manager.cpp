@@ -1,48 +1,21 @@
-// The torch-free block manager (see csrc/include/kv_paged/block_manager.h for the contract).
+// The allocator half of BlockManager (contract in csrc/include/kv_paged/block_manager.h; the prefix
+// cache half is prefix_cache.cpp): allocation, append, fork, copy-on-write, free, tables, stats.
 // Every public method runs in two phases: validate (read-only, may throw) then mutate (cannot
 // throw except std::bad_alloc), which is what makes "a throw leaves state unchanged" hold.
 #include "kv_paged/block_manager.h"
 
 #include <algorithm>
 #include <limits>
-#include <sstream>
+
+#include "block_manager_internal.h"
 
 namespace kv_paged {
+
+using detail::cat;
+
 namespace {
 
 constexpr int64_t kMaxTokenId = std::numeric_limits<int32_t>::max();
-
-uint64_t fmix64(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdULL;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ULL;
-  x ^= x >> 33;
-  return x;
-}
-
-uint64_t default_block_hash(uint64_t parent_hash, const int32_t* tokens, int64_t num_tokens,
-                            uint64_t extra_hash) {
-  uint64_t h = fmix64(parent_hash ^ 0x9e3779b97f4a7c15ULL) ^ extra_hash;
-  for (int64_t i = 0; i < num_tokens; ++i) {
-    h = ((h << 5) | (h >> 59)) ^ static_cast<uint32_t>(tokens[i]);
-    h *= 0x100000001b3ULL;
-  }
-  return fmix64(h ^ static_cast<uint64_t>(num_tokens));
-}
-
-uint64_t string_hash(const std::string& s) {
-  uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a: stable across runs, unlike std::hash
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ULL;
-  return fmix64(h) | 1;  // never 0, the hash of "no extra key"
-}
-
-template <typename... Args>
-std::string cat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
-}
 
 int32_t checked_token(int64_t t, const char* what) {
   if (t < 0 || t > kMaxTokenId) {
@@ -59,7 +32,7 @@ BlockManager::BlockManager(int64_t num_blocks, int64_t block_size, bool enable_p
                            HashFn hash_fn)
     : block_size_(block_size),
       enable_prefix_caching_(enable_prefix_caching),
-      hash_fn_(hash_fn ? std::move(hash_fn) : HashFn(default_block_hash)) {
+      hash_fn_(hash_fn ? std::move(hash_fn) : HashFn(detail::default_block_hash)) {
   if (num_blocks <= 0 || num_blocks > std::numeric_limits<int32_t>::max()) {
     throw std::invalid_argument(cat("num_blocks must be in [1, 2^31 - 1], got ", num_blocks));
   }
@@ -146,79 +119,6 @@ void BlockManager::park(int32_t b) {
   list_push_back(b, blocks_[b].cached ? ListId::kEvictable : ListId::kFree);
 }
 
-void BlockManager::uncache(int32_t b) {
-  Block& blk = blocks_[b];
-  if (!blk.cached) return;
-  cache_.erase(blk.hash);
-  blk.cached = false;
-  blk.generation += 1;
-  blk.parent = kNoBlock;
-  if (blk.list == ListId::kEvictable) {
-    list_remove(b);
-    list_push_back(b, ListId::kFree);
-  }
-}
-
-// ---- prefix cache -------------------------------------------------------------------------------
-
-uint64_t BlockManager::block_hash(uint64_t parent_hash, const int32_t* tokens,
-                                  int32_t extra_id) const {
-  return hash_fn_(parent_hash, tokens, block_size_, extra_hashes_[extra_id]);
-}
-
-bool BlockManager::verify(int32_t b, int32_t parent, const int32_t* tokens,
-                          int32_t extra_id) const {
-  const Block& blk = blocks_[b];
-  if (!blk.cached || blk.extra_id != extra_id || blk.parent != parent) return false;
-  if (parent != kNoBlock && blk.parent_generation != blocks_[parent].generation) return false;
-  return std::equal(tokens, tokens + block_size_, block_tokens_.begin() + b * block_size_);
-}
-
-void BlockManager::register_computed_blocks(Sequence& seq) {
-  if (!enable_prefix_caching_) return;
-  const int64_t num_full =
-      std::min<int64_t>(seq.num_computed / block_size_, seq.tokens.size() / block_size_);
-  for (int64_t i = static_cast<int64_t>(seq.block_hashes.size()); i < num_full; ++i) {
-    const int32_t* tokens = seq.tokens.data() + i * block_size_;
-    const uint64_t parent_hash = i == 0 ? 0 : seq.block_hashes[i - 1];
-    const uint64_t h = block_hash(parent_hash, tokens, seq.extra_id);
-    seq.block_hashes.push_back(h);
-    const int32_t b = seq.block_table[i];
-    if (blocks_[b].cached) continue;  // a prefix hit, or shared with a fork that registered it
-    const int32_t parent = i == 0 ? kNoBlock : seq.block_table[i - 1];
-    // A child is findable only through its cached parent: skip when the parent is not the cache's.
-    if (parent != kNoBlock && !blocks_[parent].cached) continue;
-    auto it = cache_.find(h);
-    if (it != cache_.end()) {
-      // Same content in another block, or a live collision: the first registration keeps the
-      // slot. Only an entry whose parent left the cache (unreachable) is replaced.
-      const Block& e = blocks_[it->second];
-      const bool stale =
-          e.parent != kNoBlock &&
-          (!blocks_[e.parent].cached || e.parent_generation != blocks_[e.parent].generation);
-      if (!stale) continue;
-      uncache(it->second);
-    }
-    Block& blk = blocks_[b];
-    blk.cached = true;
-    blk.hash = h;
-    blk.parent = parent;
-    blk.parent_generation = parent == kNoBlock ? 0 : blocks_[parent].generation;
-    blk.extra_id = seq.extra_id;
-    std::copy(tokens, tokens + block_size_, block_tokens_.begin() + b * block_size_);
-    cache_.emplace(h, b);
-  }
-}
-
-int32_t BlockManager::intern_extra_key(const std::string& key) {
-  auto it = extra_ids_.find(key);
-  if (it != extra_ids_.end()) return it->second;
-  const int32_t id = static_cast<int32_t>(extra_hashes_.size());
-  extra_ids_.emplace(key, id);
-  extra_hashes_.push_back(string_hash(key));
-  return id;
-}
-
 // ---- validation helpers -------------------------------------------------------------------------
 
 BlockManager::Sequence& BlockManager::seq_or_throw(int64_t seq_id, const char* what) {
@@ -268,29 +168,11 @@ int64_t BlockManager::allocate(int64_t seq_id, const std::vector<int64_t>& token
     if (extra_known) extra_id = it->second;
   }
 
-  // Longest verified cached prefix, leaving at least the last prompt token to compute.
-  std::vector<int32_t> hits;
-  std::vector<uint64_t> hashes;
-  int64_t hits_evictable = 0;
-  if (enable_prefix_caching_ && extra_known) {
-    const int64_t max_hits = (len - 1) / block_size_;
-    int32_t parent = kNoBlock;
-    uint64_t parent_hash = 0;
-    for (int64_t i = 0; i < max_hits; ++i) {
-      const int32_t* block_tokens = tokens.data() + i * block_size_;
-      const uint64_t h = block_hash(parent_hash, block_tokens, extra_id);
-      auto it = cache_.find(h);
-      if (it == cache_.end() || !verify(it->second, parent, block_tokens, extra_id)) break;
-      parent = it->second;
-      parent_hash = h;
-      hits.push_back(parent);
-      hashes.push_back(h);
-      if (blocks_[parent].ref_count == 0 && !blocks_[parent].copy_pending) hits_evictable += 1;
-    }
-  }
-  const int64_t num_hits = static_cast<int64_t>(hits.size());
+  PrefixMatch match;  // stays empty without prefix caching or for a never-seen extra key
+  if (enable_prefix_caching_ && extra_known) match = match_prefix(tokens, extra_id);
+  const int64_t num_hits = static_cast<int64_t>(match.blocks.size());
   const int64_t new_blocks = ceil_div(len, block_size_) - num_hits;
-  const int64_t available = num_free_blocks() - hits_evictable;
+  const int64_t available = num_free_blocks() - match.num_evictable;
   if (new_blocks > available) {
     throw OutOfBlocksError(cat("allocate: seq_id ", seq_id, " needs ", new_blocks, " new blocks (",
                                num_hits, " prompt blocks hit the prefix cache) but only ",
@@ -303,12 +185,12 @@ int64_t BlockManager::allocate(int64_t seq_id, const std::vector<int64_t>& token
   seq.tokens = std::move(tokens);
   seq.extra_id = extra_id;
   seq.block_table.reserve(static_cast<size_t>(num_hits + new_blocks));
-  for (int32_t b : hits) {
+  for (int32_t b : match.blocks) {
     acquire(b);  // revive before taking new blocks so eviction cannot pick a hit
     seq.block_table.push_back(b);
   }
   for (int64_t i = 0; i < new_blocks; ++i) seq.block_table.push_back(take_block());
-  seq.block_hashes = std::move(hashes);
+  seq.block_hashes = std::move(match.hashes);
   seq.num_computed = num_hits * block_size_;
   if (enable_prefix_caching_) {
     counters_.prefix_queried_tokens += len;
@@ -503,14 +385,6 @@ int32_t BlockManager::ref_count(int64_t block_id) const {
   return blocks_[block_id].ref_count;
 }
 
-bool BlockManager::is_cached(int64_t block_id) const {
-  if (block_id < 0 || block_id >= num_blocks()) {
-    throw std::invalid_argument(
-        cat("is_cached: block_id ", block_id, " is outside [0, ", num_blocks(), ")"));
-  }
-  return blocks_[block_id].cached;
-}
-
 BlockManagerStats BlockManager::stats() const {
   BlockManagerStats s = counters_;
   s.blocks_in_use = num_in_use_;
@@ -520,12 +394,6 @@ BlockManagerStats BlockManager::stats() const {
   s.pending_copies = static_cast<int64_t>(pending_copies_.size());
   s.num_seqs = static_cast<int64_t>(seqs_.size());
   return s;
-}
-
-std::vector<int32_t> BlockManager::evictable_blocks() const {
-  std::vector<int32_t> out;
-  for (int32_t b = evictable_list_.head; b != kNoBlock; b = blocks_[b].next) out.push_back(b);
-  return out;
 }
 
 void BlockManager::check_invariants() const {

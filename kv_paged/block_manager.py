@@ -1,5 +1,5 @@
 """kv_paged.BlockManager: the typed Python face of the C++ block manager
-(torch.classes.kv_paged.BlockManager over csrc/block_manager.cpp).
+(torch.classes.kv_paged.BlockManager over csrc/block_manager.cpp + csrc/prefix_cache.cpp).
 
 The hot path (append_slots, block_tables, seq_lens, decode_step) forwards straight to C++, which
 builds the result tensors itself, so a decode step over B sequences is O(1) Python calls. Argument

@@ -146,13 +146,20 @@ class BlockManager {
   void acquire(int32_t b);
   void release(int32_t b);
   void park(int32_t b);  // ref 0 and no pending copy: into the free or evictable list
-  void uncache(int32_t b);
 
-  // ---- prefix cache ----
+  // ---- prefix cache (csrc/prefix_cache.cpp) ----
+  struct PrefixMatch {
+    std::vector<int32_t> blocks;   // the hit blocks, in prompt order
+    std::vector<uint64_t> hashes;  // their chained hashes
+    int64_t num_evictable = 0;     // hits in the evictable list: reviving them uses up free room
+  };
   uint64_t block_hash(uint64_t parent_hash, const int32_t* tokens, int32_t extra_id) const;
   bool verify(int32_t b, int32_t parent, const int32_t* tokens, int32_t extra_id) const;
+  // The longest verified cached prefix of a prompt, leaving at least its last token to compute.
+  PrefixMatch match_prefix(const std::vector<int32_t>& tokens, int32_t extra_id) const;
   void register_computed_blocks(Sequence& seq);
   int32_t intern_extra_key(const std::string& key);  // mutates: call only after validation
+  void uncache(int32_t b);  // out of the cache map; an evictable block moves to the free list
 
   // ---- validation helpers ----
   Sequence& seq_or_throw(int64_t seq_id, const char* what);
