@@ -14,7 +14,7 @@ from kv_paged import ops  # noqa: E402  (registers the fake implementations)
 from kv_paged.block_manager import BlockManager  # noqa: E402  (needs _C loaded)
 
 __version__ = "0.1.0"
-__all__ = ["BlockManager", "Engine", "SamplingParams", "ops", "with_cuda"]
+__all__ = ["BlockManager", "Engine", "RequestOutput", "SamplingParams", "ops", "with_cuda"]
 
 
 def _register_transformers() -> None:
@@ -40,7 +40,7 @@ _register_transformers()
 def __getattr__(
     name: str,
 ):  # Engine / SamplingParams load lazily: kv_paged.engine imports more modules
-    if name in ("Engine", "SamplingParams"):
+    if name in ("Engine", "SamplingParams", "RequestOutput"):
         from kv_paged import engine
 
         return getattr(engine, name)

@@ -14,59 +14,19 @@ import itertools
 import time
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import torch
 
 from kv_paged.block_manager import BlockManager
 from kv_paged.metrics import EngineMetrics
 from kv_paged.model_runner import ModelRunner, kv_bytes_per_block
+from kv_paged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kv_paged.sampling import SamplingParams, make_generator, sample
 from kv_paged.scheduler import Request, ScheduledBatch, Scheduler, SeqStatus, Sequence
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30  # 1 GiB of KV pool on CPU unless kv_memory says otherwise
 CUDA_FREE_MEMORY_FRACTION = 0.7  # of the free device memory after the model is loaded
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
-
-
-@dataclass
-class CompletionOutput:
-    """One of a request's n samples. new_token_ids: tokens generated since the previous step output."""
-
-    index: int
-    token_ids: list[int]
-    new_token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
-    text: str | None = None
-
-
-@dataclass
-class RequestMetrics:
-    """Latency of one request, in seconds (time.perf_counter() stamps, as vLLM's RequestMetrics)."""
-
-    arrival_time: float
-    first_token_time: float | None  # None until the first token of any sample is sampled
-    finished_time: float | None  # None until every sample finished
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    error: str | None = None  # why the request could not be served (it then has no outputs)
-    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
-    metrics: RequestMetrics | None = None
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The first sample's tokens (the only one when n = 1)."""
-        return self.outputs[0].token_ids if self.outputs else []
 
 
 class Engine:
