@@ -328,7 +328,8 @@ class Engine:
             row_seqs += group
         # Nothing below may fail half-way: if the forward or the sampler raises (out of memory, a
         # model error, a KeyboardInterrupt), the step is undone and its sequences recompute later.
-        generator_states = [s.generator.get_state() for s in row_seqs]
+        drawing = [s for s in row_seqs if not s.request.params.greedy]  # greedy rows draw nothing
+        generator_states = [s.generator.get_state() for s in drawing]
         t0 = time.perf_counter()
         try:
             logits = self.runner.forward(
@@ -349,7 +350,7 @@ class Engine:
                 else []
             )
         except BaseException:
-            for s, state in zip(row_seqs, generator_states):
+            for s, state in zip(drawing, generator_states):
                 s.generator.set_state(state)
             self.scheduler.requeue([e.seq for e in entries])
             raise
