@@ -8,8 +8,10 @@ at a time; prompt lengths straddle block boundaries (1, block_size - 1, block_si
 from __future__ import annotations
 
 import copy
+import gc
 import random
 import time
+import weakref
 
 import pytest
 import torch
@@ -494,3 +496,25 @@ def test_random_workload_small_pool(model, seed):
             continue
         assert [c.token_ids for c in out.outputs] == ref_out[rid], f"request {rid}"
     check_freed(engine)
+
+
+def test_dropping_the_engine_frees_the_pool_at_once(model):
+    # No reference cycle may hold the KV pool (most of a GPU's memory) until a gc pass: dropping the
+    # engine, or a PagedCache after model.generate, frees it by reference counting alone.
+    gc.collect()
+    gc.disable()
+    try:
+        engine = Engine(model, num_blocks=16, block_size=BLOCK_SIZE)
+        engine.generate(prompts(27, [12, 5]), SamplingParams(max_new_tokens=4, n=2), use_tqdm=False)
+        pool = weakref.ref(engine.runner.pool)
+        del engine
+        assert pool() is None, "the Engine's KV pool outlived the Engine"
+        cache = hf.PagedCache.for_model(model, num_blocks=16, block_size=BLOCK_SIZE)
+        ids = torch.tensor([prompts(28, [9])[0]])
+        with torch.no_grad():
+            model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        pool = weakref.ref(cache.pool)
+        del cache
+        assert pool() is None, "a PagedCache's pool outlived the cache"
+    finally:
+        gc.enable()

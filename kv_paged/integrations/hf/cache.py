@@ -9,6 +9,7 @@ without the cache) find it. Each layer's `update()` only writes K/V into the poo
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +42,9 @@ class PagedLayer(CacheLayerMixin):
 
     def __init__(self, cache: PagedCache, layer_idx: int, sliding_window: int | None) -> None:
         super().__init__()
-        self._cache = cache
+        # A proxy, not a reference: the cache owns its layers, and a cycle would keep the pool (GBs
+        # on a GPU) alive after the user drops the cache or the Engine, until the next gc pass.
+        self._cache = weakref.proxy(cache)
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
