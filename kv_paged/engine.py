@@ -86,7 +86,10 @@ class Engine:
         self.block_manager = BlockManager(
             num_blocks, block_size, enable_prefix_caching=enable_prefix_caching
         )
+        # close() gives the model back with the attention it came with.
+        self._model_attn = getattr(model.config, "_attn_implementation", None)
         self.runner = ModelRunner(model, num_blocks, block_size)
+        self.closed = False
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs,
@@ -123,6 +126,7 @@ class Engine:
     ) -> str:
         """Queues a request; returns its id. A request that can never fit is reported by the next
         step() as finished with `error` set (the others are unaffected)."""
+        self._check_open("add_request")
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(
@@ -162,6 +166,30 @@ class Engine:
             self.scheduler.add(req.seqs[0])
         return request_id
 
+    def close(self) -> None:
+        """Aborts what is unfinished, frees the KV pool and switches the model back to the attention
+        implementation it had; the engine cannot be used afterwards. `with Engine(...) as e:` calls it."""
+        if self.closed:
+            return
+        for req in self._requests.values():
+            self.scheduler.abort_request(req)
+        self._pending_outputs.clear()
+        self._requests.clear()
+        self.runner = None  # the only reference to the pool
+        if self._model_attn is not None:
+            self.model.set_attn_implementation(self._model_attn)
+        self.closed = True
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise RuntimeError(f"{what}: the Engine is closed")
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending_outputs)
 
@@ -177,6 +205,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling step and one forward; returns the requests that got new tokens
         (or finished) in this step, in their current state (new_token_ids holds the delta)."""
+        self._check_open("step")
         touched: dict[str, Request] = {r.request_id: r for r in self._pending_outputs}
         if self.scheduler.has_unfinished():
             batch = self.scheduler.schedule()

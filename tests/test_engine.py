@@ -518,3 +518,27 @@ def test_dropping_the_engine_frees_the_pool_at_once(model):
         assert pool() is None, "a PagedCache's pool outlived the cache"
     finally:
         gc.enable()
+
+
+def test_close_gives_the_model_back(eager):
+    model = tiny_llama()  # its own copy: other tests' engines leave the shared model on "kv_paged"
+    assert model.config._attn_implementation == "eager"
+    p = prompts(29, [11])[0]
+    with Engine(model, num_blocks=16, block_size=BLOCK_SIZE) as engine:
+        assert model.config._attn_implementation == "kv_paged"
+        engine.add_request(p, greedy(max_new=30))
+        engine.step()
+        bm = engine.block_manager
+    assert engine.closed and model.config._attn_implementation == "eager"
+    bm.check_invariants()
+    assert bm.stats()["blocks_in_use"] == 0 and bm.stats()["num_seqs"] == 0
+    assert engine.runner is None
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.step()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate([p], greedy(), use_tqdm=False)
+    engine.close()  # idempotent
+    ids = torch.tensor([p])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0)
+    assert out[0, len(p) :].tolist() == hf_greedy(eager, p, MAX_NEW)
