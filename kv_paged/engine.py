@@ -205,6 +205,11 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling step and one forward; returns the requests that got new tokens
         (or finished) in this step, in their current state (new_token_ids holds the delta)."""
+        return self._step(final_only=False)
+
+    def _step(self, final_only: bool) -> list[RequestOutput]:
+        """step(); final_only: build outputs of finished requests only (generate() needs no
+        others, and building B outputs with their token lists every step is O(B * length))."""
         self._check_open("step")
         touched: dict[str, Request] = {r.request_id: r for r in self._pending_outputs}
         if self.scheduler.has_unfinished():
@@ -213,9 +218,12 @@ class Engine:
                 for req in self._execute(batch):
                     touched[req.request_id] = req
         self._pending_outputs.clear()
-        outputs = [self._output(r) for r in touched.values()]
+        outputs = []
         for r in touched.values():
-            if r.finished:
+            finished = r.finished
+            if finished or not final_only:
+                outputs.append(self._output(r))
+            if finished:
                 self._requests.pop(r.request_id, None)
         return outputs
 
@@ -251,8 +259,8 @@ class Engine:
         bar = _progress_bar(len(ids), use_tqdm)
         try:
             while self.has_unfinished():
-                for out in self.step():
-                    if out.finished and out.request_id in wanted:
+                for out in self._step(final_only=True):
+                    if out.request_id in wanted:
                         results[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
@@ -364,7 +372,7 @@ class Engine:
             logits = self.runner.forward(
                 [e.seq.token_ids[e.start : e.end] for e in entries],
                 [e.start for e in entries],
-                torch.cat([e.slots for e in entries]),
+                batch.slot_mapping,
                 self.block_manager.block_tables([e.seq.seq_id for e in entries]),
                 batch.copies,
                 sampling_rows,

@@ -83,7 +83,6 @@ class ScheduledSeq:
     seq: Sequence
     start: int  # positions [start, end) are computed this step
     end: int
-    slots: torch.Tensor  # int64 [end - start]
 
     @property
     def samples(self) -> bool:
@@ -92,10 +91,9 @@ class ScheduledSeq:
 
 @dataclass
 class ScheduledBatch:
-    entries: list[ScheduledSeq]
-    copies: (
-        torch.Tensor
-    )  # int64 [n, 2] copy-on-write (src, dst) block pairs to apply before the forward
+    entries: list[ScheduledSeq]  # decode rows first, then prefill chunks
+    slot_mapping: torch.Tensor  # int64 [T]: every entry's new positions' slots, in entry order
+    copies: torch.Tensor  # int64 [n, 2] copy-on-write (src, dst) block pairs to apply first
     num_prefill_tokens: int
     num_decode_tokens: int
     preempted: list[Sequence]
@@ -163,52 +161,45 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         entries: list[ScheduledSeq] = []
-        preempted: list[Sequence] = []
-        prefill = decode = 0
-        scheduled: set[int] = set()
+        slot_parts: list[torch.Tensor] = []  # in entry order
 
-        # 1) Running sequences, oldest first: decode rows and the next chunk of unfinished prefills.
-        for seq in list(self.running):
+        # 1) Decode rows of running sequences, oldest first, one token each.
+        decodes = [seq for seq in self.running if seq.is_decode][:budget]
+        if len(decodes) <= self.bm.num_free_blocks:
+            # Each append takes at most one block (a new one, or a copy-on-write copy), so all fit:
+            # one batched call instead of two per sequence.
+            preempted: list[Sequence] = []
+            if decodes:
+                slot_parts.append(
+                    self.bm.append_slots(
+                        [seq.seq_id for seq in decodes], [seq.token_ids[-1] for seq in decodes]
+                    )
+                )
+        else:
+            decodes, preempted, slots = self._append_preempting(decodes)
+            slot_parts.append(torch.tensor(slots, dtype=torch.int64))
+        for seq in decodes:
+            seq.num_in_manager += 1
+            pos = len(seq.token_ids) - 1
+            entries.append(ScheduledSeq(seq, pos, pos + 1))
+        budget -= len(decodes)
+        scheduled = {seq.seq_id for seq in decodes}
+
+        # 2) The next chunk of each running sequence still in prefill, oldest first.
+        prefill = 0
+        for seq in self.running:
             if budget == 0:
                 break
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # preempted while making room for an older sequence
-            if seq.is_decode:
-                while not self.bm.can_append(seq.seq_id):
-                    victim = self.running[-1]
-                    assert victim.seq_id not in scheduled, (
-                        "victims are younger than every scheduled sequence"
-                    )
-                    self._preempt(victim)
-                    preempted.append(victim)
-                    if victim is seq:
-                        break
-                if seq.status is not SeqStatus.RUNNING:
-                    continue
-                slot = self.bm.append_slot(seq.seq_id, seq.token_ids[-1])
-                seq.num_in_manager += 1
-                pos = len(seq.token_ids) - 1
-                entries.append(
-                    ScheduledSeq(seq, pos, pos + 1, torch.tensor([slot], dtype=torch.int64))
-                )
-                decode += 1
-                budget -= 1
-            else:
-                chunk = min(len(seq.token_ids) - seq.num_computed, budget)
-                start = seq.num_computed
-                entries.append(
-                    ScheduledSeq(
-                        seq,
-                        start,
-                        start + chunk,
-                        self.bm.slot_mapping(seq.seq_id, start, start + chunk),
-                    )
-                )
-                prefill += chunk
-                budget -= chunk
-            scheduled.add(seq.seq_id)
+            if seq.seq_id in scheduled or seq.is_decode:
+                continue  # decode rows that did not fit the token budget wait for the next step
+            chunk = min(len(seq.token_ids) - seq.num_computed, budget)
+            start = seq.num_computed
+            entries.append(ScheduledSeq(seq, start, start + chunk))
+            slot_parts.append(self.bm.slot_mapping(seq.seq_id, start, start + chunk))
+            prefill += chunk
+            budget -= chunk
 
-        # 2) Admit waiting sequences while blocks, sequence slots and token budget last; never right
+        # 3) Admit waiting sequences while blocks, sequence slots and token budget last; never right
         # after a preemption (the pool is full, admitting would only thrash).
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
@@ -233,16 +224,36 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             chunk = min(num_tokens - cached, budget)
-            entries.append(
-                ScheduledSeq(
-                    seq,
-                    cached,
-                    cached + chunk,
-                    self.bm.slot_mapping(seq.seq_id, cached, cached + chunk),
-                )
-            )
+            entries.append(ScheduledSeq(seq, cached, cached + chunk))
+            slot_parts.append(self.bm.slot_mapping(seq.seq_id, cached, cached + chunk))
             prefill += chunk
             budget -= chunk
 
+        slot_mapping = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.int64)
         copies = self.bm.take_copies()
-        return ScheduledBatch(entries, copies, prefill, decode, preempted)
+        return ScheduledBatch(entries, slot_mapping, copies, prefill, len(decodes), preempted)
+
+    def _append_preempting(
+        self, decodes: list[Sequence]
+    ) -> tuple[list[Sequence], list[Sequence], list[int]]:
+        """The slow path when blocks may run out: appends one decode row at a time, oldest first,
+        preempting the most recently admitted sequence until the row fits (or it preempts itself).
+        Returns (the decode rows still scheduled, the preempted sequences, their slots)."""
+        kept: list[Sequence] = []
+        preempted: list[Sequence] = []
+        slots: list[int] = []
+        for seq in decodes:
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted while making room for an older sequence
+            while not self.bm.can_append(seq.seq_id):
+                victim = self.running[-1]
+                assert victim not in kept, "victims are younger than every scheduled sequence"
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            slots.append(self.bm.append_slot(seq.seq_id, seq.token_ids[-1]))
+            kept.append(seq)
+        return kept, preempted, slots
