@@ -11,6 +11,7 @@ at the rows that sample. The scheduler (kv_paged/scheduler.py) decides the slice
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
@@ -24,7 +25,8 @@ from kv_paged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kv_paged.sampling import SamplingParams, make_generator, sample
 from kv_paged.scheduler import Request, ScheduledBatch, Scheduler, SeqStatus, Sequence
 
-DEFAULT_CPU_KV_MEMORY = 1 << 30  # 1 GiB of KV pool on CPU unless kv_memory says otherwise
+DEFAULT_CPU_KV_MEMORY = 1 << 30  # at most 1 GiB of KV pool on CPU unless kv_memory says otherwise
+CPU_FREE_MEMORY_FRACTION = 0.25  # ... and at most this much of the host's available memory
 CUDA_FREE_MEMORY_FRACTION = 0.7  # of the free device memory after the model is loaded
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
@@ -35,7 +37,8 @@ class Engine:
     model: a transformers causal LM (its attention is switched to "kv_paged" for the engine's life).
     num_blocks: KV pool size in blocks; None sizes it from kv_memory.
     kv_memory: pool budget in bytes; None = CUDA_FREE_MEMORY_FRACTION of free device memory on CUDA,
-      DEFAULT_CPU_KV_MEMORY on CPU; never more than max_num_seqs full-length sequences need.
+      on CPU the smaller of DEFAULT_CPU_KV_MEMORY and CPU_FREE_MEMORY_FRACTION of available host
+      memory; never more than max_num_seqs full-length sequences need.
     max_num_batched_tokens: tokens per forward (prefill chunks + decode rows); None = 2048.
     tokenizer: optional; lets prompts be strings and fills CompletionOutput.text.
     """
@@ -116,7 +119,10 @@ class Engine:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free * CUDA_FREE_MEMORY_FRACTION)
-        return DEFAULT_CPU_KV_MEMORY
+        available = host_available_memory()
+        if available is None:
+            return DEFAULT_CPU_KV_MEMORY
+        return min(DEFAULT_CPU_KV_MEMORY, int(available * CPU_FREE_MEMORY_FRACTION))
 
     def add_request(
         self,
@@ -479,6 +485,22 @@ class Engine:
             req.num_cached_tokens,
             RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
         )
+
+
+def host_available_memory() -> int | None:
+    """Bytes of host memory available without swapping (Linux MemAvailable; free pages elsewhere),
+    or None when the platform does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _progress_bar(total: int, enabled: bool):

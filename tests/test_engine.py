@@ -542,3 +542,23 @@ def test_close_gives_the_model_back(eager):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0)
     assert out[0, len(p) :].tolist() == hf_greedy(eager, p, MAX_NEW)
+
+
+def test_default_pool_size_on_cpu(model, monkeypatch):
+    import kv_paged.engine as engine_module
+
+    per_block = 2 * 2 * BLOCK_SIZE * 2 * 16 * 4  # layers x (K, V) x tokens x kv heads x dims x fp32
+    # Plenty of host memory: the 1 GiB default holds more than max_num_seqs full-length
+    # sequences need, so that is the size.
+    monkeypatch.setattr(engine_module, "host_available_memory", lambda: 64 << 30)
+    assert (1 << 30) // per_block > 256 * (MAX_POS // BLOCK_SIZE)
+    assert Engine(model, block_size=BLOCK_SIZE).num_blocks == 256 * (MAX_POS // BLOCK_SIZE)
+    # Little host memory: a quarter of what is available.
+    monkeypatch.setattr(engine_module, "host_available_memory", lambda: 4 << 20)
+    assert Engine(model, block_size=BLOCK_SIZE).num_blocks == (1 << 20) // per_block
+    # The platform does not say: the 1 GiB default alone.
+    monkeypatch.setattr(engine_module, "host_available_memory", lambda: None)
+    engine = Engine(model, block_size=BLOCK_SIZE, max_num_seqs=1 << 20)
+    assert engine.num_blocks == (1 << 30) // per_block
+    monkeypatch.undo()
+    assert engine_module.host_available_memory() > 0  # Linux reports MemAvailable
