@@ -14,7 +14,15 @@ from kv_paged import ops  # noqa: E402  (registers the fake implementations)
 from kv_paged.block_manager import BlockManager  # noqa: E402  (needs _C loaded)
 
 __version__ = "0.1.0"
-__all__ = ["BlockManager", "Engine", "RequestOutput", "SamplingParams", "ops", "with_cuda"]
+__all__ = [
+    "BlockManager",
+    "Engine",
+    "PagedCache",
+    "RequestOutput",
+    "SamplingParams",
+    "ops",
+    "with_cuda",
+]
 
 
 def _register_transformers() -> None:
@@ -44,4 +52,8 @@ def __getattr__(
         from kv_paged import engine
 
         return getattr(engine, name)
+    if name == "PagedCache":  # needs transformers: an ImportError says so
+        from kv_paged.integrations.hf import PagedCache
+
+        return PagedCache
     raise AttributeError(f"module 'kv_paged' has no attribute {name!r}")

@@ -454,3 +454,11 @@ def test_packed_sequences_without_cache_are_refused() -> None:
     pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
     with torch.no_grad(), pytest.raises(NotImplementedError, match="packed"):
         model(_ids(1, 7, seed=1), position_ids=pos, use_cache=False)
+
+
+def test_top_level_names() -> None:
+    import kv_paged
+
+    assert kv_paged.PagedCache is hf.PagedCache
+    for name in kv_paged.__all__:  # every advertised name resolves (some load lazily)
+        assert getattr(kv_paged, name) is not None, name
