@@ -139,6 +139,8 @@ class Engine:
                 f"add_request: params must be SamplingParams, got {type(params).__name__}"
             )
         token_ids = self._encode(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("add_request: SamplingParams.stop needs Engine(..., tokenizer=...)")
         request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"add_request: request_id {request_id!r} is already in use")
@@ -421,7 +423,7 @@ class Engine:
             seq.token_ids.append(token)
             touched[req.request_id] = req
             out_len = len(seq.token_ids) - seq.prompt_len
-            if token in req.stop_ids:
+            if token in req.stop_ids or (req.params.stop and self._hit_stop_string(seq)):
                 self.scheduler.finish(seq, "stop")
             elif out_len >= req.params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
                 self.scheduler.finish(seq, "length")
@@ -447,6 +449,27 @@ class Engine:
         )
         return list(touched.values())
 
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        """Whether the newest token completed one of the sample's stop strings. Decodes only the
+        newest len(stop) + 2 tokens, O(1) per token instead of O(output): a token decodes to at
+        least one character (the 2 spare tokens absorb partial UTF-8 bytes and a window that
+        starts inside a character or loses a leading space)."""
+        stops = seq.request.params.stop
+        window = max(map(len, stops)) + 2
+        out = seq.output_token_ids
+        # The text before the newest token must not already hold the stop string (it would have
+        # stopped then), so the newest token completed it iff the window's text now holds it.
+        text = self.tokenizer.decode(out[-window:], skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    def _text(self, seq: Sequence) -> str:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        stops = seq.request.params.stop
+        if stops and seq.finish_reason == "stop":
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+            text = text[:cut]
+        return text
+
     def _output(self, req: Request) -> RequestOutput:
         outs = []
         if req.error is None:
@@ -454,11 +477,7 @@ class Engine:
                 toks = seq.output_token_ids
                 done = self._emitted.get(seq.seq_id, 0)
                 self._emitted[seq.seq_id] = len(toks)
-                text = (
-                    self.tokenizer.decode(toks, skip_special_tokens=True)
-                    if self.tokenizer is not None
-                    else None
-                )
+                text = self._text(seq) if self.tokenizer is not None else None
                 outs.append(
                     CompletionOutput(
                         seq.index, list(toks), list(toks[done:]), seq.finish_reason, text

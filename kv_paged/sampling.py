@@ -29,6 +29,9 @@ class SamplingParams:
     stop_token_ids: a sample finishes (finish_reason "stop") after generating any of these; the stop
       token is kept in the output, as transformers' generate keeps eos.
     ignore_eos: by default the model's generation_config.eos_token_id also stops a sample.
+    stop: strings that finish a sample (finish_reason "stop") as soon as its decoded text contains
+      one; the text is cut before it, the tokens keep the one that completed it (needs the
+      Engine's tokenizer).
     """
 
     max_new_tokens: int = 16
@@ -39,6 +42,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
+    stop: Sequence[str] | None = None
     _stop_set: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +78,14 @@ class SamplingParams:
                 f"SamplingParams: stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}"
             )
         self._stop_set = frozenset(stops)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None and (
+            not all(isinstance(x, str) and x for x in self.stop) or not self.stop
+        ):
+            raise ValueError(
+                f"SamplingParams: stop must be None, a non-empty string or a list of them, got {self.stop!r}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -562,3 +562,27 @@ def test_default_pool_size_on_cpu(model, monkeypatch):
     assert engine.num_blocks == (1 << 30) // per_block
     monkeypatch.undo()
     assert engine_module.host_available_memory() > 0  # Linux reports MemAvailable
+
+
+def test_stop_strings(model):
+    tok = CharTokenizer()
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE, tokenizer=tok)
+    p = prompts(30, [13])[0]
+    full = engine.generate([p], greedy(max_new=20), use_tqdm=False)[0]
+    text = full.outputs[0].text
+    # A 2-character stop string whose first occurrence ends at output token k + 1.
+    k = next(i for i in range(3, 18) if text.find(text[i : i + 2]) == i)
+    stop = text[k : k + 2]
+    outs = engine.generate(
+        [p, p], [greedy(max_new=20, stop=[stop, "never"]), greedy(max_new=20)], use_tqdm=False
+    )
+    hit = outs[0].outputs[0]
+    assert hit.finish_reason == "stop"
+    assert hit.token_ids == full.token_ids[: k + 2]  # the token that completed the string is kept
+    assert hit.text == text[:k]  # the text stops before the string
+    assert outs[1].token_ids == full.token_ids  # the request beside it is unaffected
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(model, num_blocks=8, block_size=BLOCK_SIZE).add_request(p, greedy(stop=["x"]))
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=[""])
+    check_freed(engine)
