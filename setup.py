@@ -69,8 +69,10 @@ def extension():
     sources = ["csrc/torch_bindings.cpp", "csrc/block_manager.cpp", "csrc/prefix_cache.cpp"]
     sources += rel("csrc/cpu/*.cpp") + rel("csrc/ops/*.cpp")
     with_cuda = want_cuda()
-    # AVX2 + FMA is the x86-64 baseline the CPU kernels are written for (csrc/cpu/vec.h).
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-mavx2", "-mfma"]
+    # AVX2 + FMA is the x86-64 baseline the CPU kernels are written for (csrc/cpu/vec.h). No -std:
+    # BuildExtension adds the standard this torch's headers need (C++20 since torch 2.10); our code
+    # is C++17 and compiles as both.
+    cxx = ["-O3", "-fopenmp", "-mavx2", "-mfma"]
     if os.uname().machine not in ("x86_64", "AMD64"):
         cxx = [f for f in cxx if f not in ("-mavx2", "-mfma")]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc"), write_build_info()]
@@ -80,7 +82,7 @@ def extension():
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
     sources += rel("csrc/ops/*.cu")
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
     nvcc += ["-DKV_PAGED_WITH_CUDA"]
     return CUDAExtension(
         "kv_paged._C", sources, include_dirs=include_dirs,

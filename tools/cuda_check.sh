@@ -11,14 +11,18 @@ OUT=build/cuda_check
 mkdir -p "$OUT"
 
 ARCHS=(-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=sm_80)
-COMMON=(-std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -lineinfo -DKV_PAGED_WITH_CUDA
+COMMON=(-O3 --use_fast_math --expt-relaxed-constexpr -lineinfo -DKV_PAGED_WITH_CUDA
         -Icsrc/include -Icsrc "${ARCHS[@]}" -Xcompiler -fPIC)
+# The torch-free kernel headers must be plain C++17; the glue gets C++20, the standard torch's
+# BuildExtension gives nvcc (torch 2.13's headers need it), as in the real build.
+HEADER_STD=-std=c++17
+GLUE_STD=-std=c++20
 TORCH_INC=$($PYTHON -c 'import torch.utils.cpp_extension as c; print(" ".join(c.include_paths()))')
 ABI=$($PYTHON -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
 TORCH_FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
              -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
              -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
-             -D_GLIBCXX_USE_CXX11_ABI="$ABI" -diag-suppress=3306 -Xcompiler -Wno-c++20-extensions)
+             -D_GLIBCXX_USE_CXX11_ABI="$ABI" -diag-suppress=3306)
 for d in $TORCH_INC; do TORCH_FLAGS+=(-I"$d"); done
 # CPU wheels of torch ship c10/cuda without its generated cmake-macros header.
 FIRST_INC=${TORCH_INC%% *}
@@ -42,9 +46,9 @@ compile() {
   log=$OUT/$(basename "$src" .cu).log
   local start=$SECONDS
   if [ "$kind" = header ]; then
-    nvcc -c "$src" -o "$obj" "${COMMON[@]}" >"$log" 2>&1 || { cat "$log"; echo "FAIL $src"; return 1; }
+    nvcc -c "$src" -o "$obj" "$HEADER_STD" "${COMMON[@]}" >"$log" 2>&1 || { cat "$log"; echo "FAIL $src"; return 1; }
   else
-    nvcc -c "$src" -o "$obj" "${COMMON[@]}" "${TORCH_FLAGS[@]}" -Xptxas -warn-spills \
+    nvcc -c "$src" -o "$obj" "$GLUE_STD" "${COMMON[@]}" "${TORCH_FLAGS[@]}" -Xptxas -warn-spills \
       >"$log" 2>&1 || { cat "$log"; echo "FAIL $src"; return 1; }
   fi
   grep -E "warning|spill" "$log" | grep -v "^$" | sort -u | head -20 || true
@@ -54,7 +58,7 @@ export -f compile
 export OUT
 fail=0
 # xargs runs `compile` in child shells: arrays do not cross exec, so pass them through a file.
-declare -p COMMON TORCH_FLAGS > "$OUT/flags.sh"
+declare -p COMMON TORCH_FLAGS HEADER_STD GLUE_STD > "$OUT/flags.sh"
 xargs -P "$JOBS" -L 1 bash -c 'source "$OUT/flags.sh"; compile "$@"' _ < "$jobs_file" || fail=1
 if [ "$fail" -ne 0 ]; then echo "cuda-check: FAILED"; exit 1; fi
 echo "cuda-check: all CUDA sources compile for sm_90a and sm_80"
