@@ -22,7 +22,7 @@ from kv_paged.block_manager import BlockManager
 from kv_paged.metrics import EngineMetrics
 from kv_paged.model_runner import ModelRunner, kv_bytes_per_block
 from kv_paged.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from kv_paged.sampling import SamplingParams, make_generator, sample
+from kv_paged.sampling import SamplingParams, make_generator, sample, token_logprobs
 from kv_paged.scheduler import Request, ScheduledBatch, Scheduler, SeqStatus, Sequence
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30  # at most 1 GiB of KV pool on CPU unless kv_memory says otherwise
@@ -394,6 +394,16 @@ class Engine:
                 if row_seqs
                 else []
             )
+            want = [j for j, seq in enumerate(row_seqs) if seq.request.params.logprobs is not None]
+            logprobs = (
+                token_logprobs(
+                    logits[[row_index[j] for j in want]],
+                    [tokens[j] for j in want],
+                    [row_seqs[j].request.params.logprobs for j in want],
+                )
+                if want
+                else []
+            )
         except BaseException:
             for s, state in zip(drawing, generator_states):
                 s.generator.set_state(state)
@@ -402,6 +412,10 @@ class Engine:
         self.block_manager.mark_computed([e.seq.seq_id for e in entries], [e.end for e in entries])
         for e in entries:
             e.seq.num_computed = e.end
+        for j, entry in zip(want, logprobs):
+            seq = row_seqs[j]
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += entry[tokens[j]]
 
         # Fork before any sample can finish (and free) its parent: children share every block.
         for seq in row_seqs:
@@ -480,7 +494,16 @@ class Engine:
                 text = self._text(seq) if self.tokenizer is not None else None
                 outs.append(
                     CompletionOutput(
-                        seq.index, list(toks), list(toks[done:]), seq.finish_reason, text
+                        seq.index,
+                        list(toks),
+                        list(toks[done:]),
+                        seq.finish_reason,
+                        text,
+                        *(
+                            (list(seq.logprobs), seq.cumulative_logprob)
+                            if req.params.logprobs is not None
+                            else ()
+                        ),
                     )
                 )
         if req.finished:

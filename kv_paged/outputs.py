@@ -19,6 +19,10 @@ class CompletionOutput:
     new_token_ids: list[int]
     finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     text: str | None = None
+    # SamplingParams.logprobs set: per generated token {token id: logprob} (the chosen token and
+    # the top ones), and the chosen tokens' summed logprob.
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass

@@ -29,6 +29,9 @@ class SamplingParams:
     stop_token_ids: a sample finishes (finish_reason "stop") after generating any of these; the stop
       token is kept in the output, as transformers' generate keeps eos.
     ignore_eos: by default the model's generation_config.eos_token_id also stops a sample.
+    logprobs: None = off; k >= 0 = with every generated token, its log-probability and those of
+      the k most likely tokens, under the model's raw distribution (log_softmax of the logits,
+      before temperature / top_k / top_p, as vLLM reports them).
     stop: strings that finish a sample (finish_reason "stop") as soon as its decoded text contains
       one; the text is cut before it, the tokens keep the one that completed it (needs the
       Engine's tokenizer).
@@ -43,6 +46,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
     stop: Sequence[str] | None = None
+    logprobs: int | None = None
     _stop_set: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +82,14 @@ class SamplingParams:
                 f"SamplingParams: stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}"
             )
         self._stop_set = frozenset(stops)
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
+            or self.logprobs < 0
+        ):
+            raise ValueError(
+                f"SamplingParams: logprobs must be None or an int >= 0, got {self.logprobs!r}"
+            )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None and (
@@ -158,6 +170,28 @@ def sample(
         truncated = [r for r, ok in zip(truncated, covered.tolist()) if not ok]
     tokens[rows] = picked
     return tokens.tolist()
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], num_top: Sequence[int]
+) -> list[dict[int, float]]:
+    """Log-probabilities under log_softmax(logits) in float32, one dict per row: the chosen token's
+    and those of the row's num_top[i] most likely tokens, token id -> logprob (vLLM's Logprob map).
+
+    logits: [R, vocab] raw model logits; tokens, num_top: length R. One host sync.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [R, vocab]
+    index = torch.tensor(tokens, dtype=torch.int64, device=logits.device)[:, None]  # [R, 1]
+    chosen = logp.gather(1, index)[:, 0]  # [R]
+    k = max(num_top, default=0)
+    top_lp, top_ids = torch.topk(logp, k, dim=-1) if k else (chosen[:, None], index)  # [R, k]
+    chosen, top_lp, top_ids = chosen.tolist(), top_lp.tolist(), top_ids.tolist()
+    out = []
+    for r, token in enumerate(tokens):
+        entry = dict(zip(top_ids[r][: num_top[r]], top_lp[r][: num_top[r]]))
+        entry[token] = chosen[r]
+        out.append(entry)
+    return out
 
 
 def _sample_truncated(

@@ -60,6 +60,9 @@ class Sequence:
     num_in_manager: int = 0  # tokens the block manager holds slots for
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # SamplingParams.logprobs: one {token id: logprob} per generated token, and their sum.
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
 
     @property
     def prompt_len(self) -> int:

@@ -452,11 +452,12 @@ def test_random_workload_small_pool(model, seed):
             top_p=rng.choice([1.0, 0.8]),
             n=rng.choice([1, 1, 2, 3]),
             seed=1000 * seed + i,
+            logprobs=rng.choice([None, 2]),
         )
         requests.append((prompt, params))
     ref = Engine(model, num_blocks=256, block_size=BLOCK_SIZE)
-    ref_out = {
-        str(i): [c.token_ids for c in o.outputs]
+    ref_runs = {
+        str(i): o
         for i, o in enumerate(
             ref.generate([p for p, _ in requests], [q for _, q in requests], use_tqdm=False)
         )
@@ -494,7 +495,15 @@ def test_random_workload_small_pool(model, seed):
         assert out.error is None
         if rid == abort_id and any(c.finish_reason == "abort" for c in out.outputs):
             continue
-        assert [c.token_ids for c in out.outputs] == ref_out[rid], f"request {rid}"
+        ref = ref_runs[rid].outputs
+        assert [c.token_ids for c in out.outputs] == [c.token_ids for c in ref], f"request {rid}"
+        for c, r in zip(out.outputs, ref):  # logprobs survive preemption and recompute
+            if r.logprobs is None:
+                assert c.logprobs is None
+                continue
+            assert len(c.logprobs) == len(c.token_ids)
+            for t, a, b in zip(c.token_ids, c.logprobs, r.logprobs):
+                assert abs(a[t] - b[t]) < 1e-4
     check_freed(engine)
 
 
@@ -586,3 +595,37 @@ def test_stop_strings(model):
     with pytest.raises(ValueError, match="stop"):
         SamplingParams(stop=[""])
     check_freed(engine)
+
+
+def test_logprobs_match_the_models_distribution(model, eager):
+    p = prompts(31, [14])[0]
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE, max_num_batched_tokens=8)
+    sampled, greedy_out = engine.generate(
+        [p, p],
+        [
+            SamplingParams(max_new_tokens=6, temperature=1.0, top_k=5, seed=2, logprobs=0),
+            greedy(max_new=6, logprobs=3),
+        ],
+        use_tqdm=False,
+    )
+    for out, k in ((sampled, 0), (greedy_out, 3)):
+        c = out.outputs[0]
+        # The reference: eager forward over prompt + output, log_softmax in float64.
+        ids = torch.tensor([p + c.token_ids])
+        with torch.no_grad():
+            logits = eager(ids).logits[0, len(p) - 1 : -1].double()  # [6, vocab]
+        ref = torch.log_softmax(logits, dim=-1)
+        assert len(c.logprobs) == len(c.token_ids) == 6
+        for t, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+            top = torch.topk(ref[t], k).indices.tolist() if k else []
+            assert set(entry) == set(top) | {token}
+            for tok, lp in entry.items():
+                assert abs(lp - ref[t, tok].item()) < 1e-4
+        assert abs(c.cumulative_logprob - sum(e[t] for t, e in zip(c.token_ids, c.logprobs))) < 1e-9
+    assert greedy_out.outputs[0].logprobs[0][greedy_out.token_ids[0]] == max(
+        greedy_out.outputs[0].logprobs[0].values()
+    )
+    plain = engine.generate([p], greedy(max_new=2), use_tqdm=False)[0].outputs[0]
+    assert plain.logprobs is None and plain.cumulative_logprob is None
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=-1)
