@@ -21,7 +21,7 @@ import torch
 from kv_paged.block_manager import BlockManager
 from kv_paged.metrics import EngineMetrics
 from kv_paged.model_runner import ModelRunner, kv_bytes_per_block
-from kv_paged.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kv_paged.outputs import OutputProcessor, RequestOutput, hit_stop_string
 from kv_paged.sampling import SamplingParams, make_generator, sample, token_logprobs
 from kv_paged.scheduler import Request, ScheduledBatch, Scheduler, SeqStatus, Sequence
 
@@ -70,7 +70,6 @@ class Engine:
             raise ValueError("Engine: pass num_blocks or kv_memory, not both")
 
         self.model = model.eval()
-        self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         config = (
@@ -108,7 +107,7 @@ class Engine:
         self._pending_outputs: list[
             Request
         ] = []  # requests refused at add_request, reported next step
-        self._emitted: dict[int, int] = {}  # seq_id -> output tokens already streamed
+        self._outputs = OutputProcessor(tokenizer)
         self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
         self._metrics: EngineMetrics | None = None
@@ -174,6 +173,15 @@ class Engine:
             self.scheduler.add(req.seqs[0])
         return request_id
 
+    @property
+    def tokenizer(self):
+        """Encodes string prompts and decodes outputs' text; None = token ids only."""
+        return self._outputs.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._outputs.tokenizer = tokenizer
+
     def close(self) -> None:
         """Aborts what is unfinished, frees the KV pool and switches the model back to the attention
         implementation it had; the engine cannot be used afterwards. `with Engine(...) as e:` calls it."""
@@ -229,11 +237,24 @@ class Engine:
         outputs = []
         for r in touched.values():
             finished = r.finished
-            if finished or not final_only:
-                outputs.append(self._output(r))
             if finished:
+                self._record_finished(r)
+            if finished or not final_only:
+                outputs.append(self._outputs.build(r))
+            if finished:
+                self._outputs.forget(r)
                 self._requests.pop(r.request_id, None)
         return outputs
+
+    def _record_finished(self, req: Request) -> None:
+        req.finished_time = time.perf_counter()
+        self._metrics.num_finished += 1
+        if req.error is None and req.first_token_time is not None:
+            self._metrics.record_request(
+                req.first_token_time - req.arrival_time,
+                req.finished_time - req.first_token_time,
+                max(len(s.output_token_ids) for s in req.seqs),
+            )
 
     def generate(
         self,
@@ -437,7 +458,7 @@ class Engine:
             seq.token_ids.append(token)
             touched[req.request_id] = req
             out_len = len(seq.token_ids) - seq.prompt_len
-            if token in req.stop_ids or (req.params.stop and self._hit_stop_string(seq)):
+            if token in req.stop_ids or (req.params.stop and hit_stop_string(self.tokenizer, seq)):
                 self.scheduler.finish(seq, "stop")
             elif out_len >= req.params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
                 self.scheduler.finish(seq, "length")
@@ -462,71 +483,6 @@ class Engine:
             ),
         )
         return list(touched.values())
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        """Whether the newest token completed one of the sample's stop strings. Decodes only the
-        newest len(stop) + 2 tokens, O(1) per token instead of O(output): a token decodes to at
-        least one character (the 2 spare tokens absorb partial UTF-8 bytes and a window that
-        starts inside a character or loses a leading space)."""
-        stops = seq.request.params.stop
-        window = max(map(len, stops)) + 2
-        out = seq.output_token_ids
-        # The text before the newest token must not already hold the stop string (it would have
-        # stopped then), so the newest token completed it iff the window's text now holds it.
-        text = self.tokenizer.decode(out[-window:], skip_special_tokens=True)
-        return any(s in text for s in stops)
-
-    def _text(self, seq: Sequence) -> str:
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        stops = seq.request.params.stop
-        if stops and seq.finish_reason == "stop":
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
-            text = text[:cut]
-        return text
-
-    def _output(self, req: Request) -> RequestOutput:
-        outs = []
-        if req.error is None:
-            for seq in req.seqs if req.forked else req.seqs[:1]:
-                toks = seq.output_token_ids
-                done = self._emitted.get(seq.seq_id, 0)
-                self._emitted[seq.seq_id] = len(toks)
-                text = self._text(seq) if self.tokenizer is not None else None
-                outs.append(
-                    CompletionOutput(
-                        seq.index,
-                        list(toks),
-                        list(toks[done:]),
-                        seq.finish_reason,
-                        text,
-                        *(
-                            (list(seq.logprobs), seq.cumulative_logprob)
-                            if req.params.logprobs is not None
-                            else ()
-                        ),
-                    )
-                )
-        if req.finished:
-            req.finished_time = time.perf_counter()
-            for seq in req.seqs:
-                self._emitted.pop(seq.seq_id, None)
-            self._metrics.num_finished += 1
-            if req.error is None and req.first_token_time is not None:
-                num_tokens = max(len(c.token_ids) for c in outs) if outs else 0
-                self._metrics.record_request(
-                    req.first_token_time - req.arrival_time,
-                    req.finished_time - req.first_token_time,
-                    num_tokens,
-                )
-        return RequestOutput(
-            req.request_id,
-            list(req.prompt_token_ids),
-            outs,
-            req.finished,
-            req.error,
-            req.num_cached_tokens,
-            RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
-        )
 
 
 def host_available_memory() -> int | None:

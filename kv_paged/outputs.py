@@ -1,5 +1,6 @@
 """What kv_paged.Engine returns: one RequestOutput per request and step, holding one
-CompletionOutput per sample (vLLM's names and fields where they mean the same thing).
+CompletionOutput per sample (vLLM's names and fields where they mean the same thing), and the
+OutputProcessor that builds them (streaming deltas, detokenized text, stop strings).
 
 Design decision: outputs are plain snapshots (copied token lists), so a caller may keep them while
 the engine goes on; new_token_ids carries the delta since the request's previous output (streaming).
@@ -8,6 +9,10 @@ the engine goes on; new_token_ids carries the delta since the request's previous
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kv_paged.scheduler import Request, Sequence
 
 
 @dataclass
@@ -52,3 +57,69 @@ class RequestOutput:
     def token_ids(self) -> list[int]:
         """The first sample's tokens (the only one when n = 1)."""
         return self.outputs[0].token_ids if self.outputs else []
+
+
+class OutputProcessor:
+    """Builds RequestOutputs; remembers how much of each sample was already streamed.
+
+    tokenizer: optional (anything with decode(ids, skip_special_tokens=...)); fills the text.
+    """
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        self.tokenizer = tokenizer
+        self._emitted: dict[int, int] = {}  # seq_id -> output tokens already in an output
+
+    def build(self, req: Request) -> RequestOutput:
+        outs = []
+        if req.error is None:
+            for seq in req.seqs if req.forked else req.seqs[:1]:
+                toks = seq.output_token_ids
+                done = self._emitted.get(seq.seq_id, 0)
+                self._emitted[seq.seq_id] = len(toks)
+                with_logprobs = req.params.logprobs is not None
+                outs.append(
+                    CompletionOutput(
+                        index=seq.index,
+                        token_ids=list(toks),
+                        new_token_ids=list(toks[done:]),
+                        finish_reason=seq.finish_reason,
+                        text=self._text(seq) if self.tokenizer is not None else None,
+                        logprobs=list(seq.logprobs) if with_logprobs else None,
+                        cumulative_logprob=seq.cumulative_logprob if with_logprobs else None,
+                    )
+                )
+        return RequestOutput(
+            req.request_id,
+            list(req.prompt_token_ids),
+            outs,
+            req.finished,
+            req.error,
+            req.num_cached_tokens,
+            RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
+        )
+
+    def forget(self, req: Request) -> None:
+        """The request finished: drop its streaming state."""
+        for seq in req.seqs:
+            self._emitted.pop(seq.seq_id, None)
+
+    def _text(self, seq: Sequence) -> str:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        stops = seq.request.params.stop
+        if stops and seq.finish_reason == "stop":
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+            text = text[:cut]
+        return text
+
+
+def hit_stop_string(tokenizer: Any, seq: Sequence) -> bool:
+    """Whether the newest token of seq completed one of its stop strings. Decodes only the
+    newest len(stop) + 2 tokens, O(1) per token instead of O(output): a token decodes to at least
+    one character (the 2 spare tokens absorb partial UTF-8 bytes and a window that starts inside a
+    character or loses a leading space). The text before the newest token cannot hold a stop
+    string (the sample would have stopped then), so the newest token completed it iff the window's
+    text holds it now."""
+    stops = seq.request.params.stop
+    window = max(map(len, stops)) + 2
+    text = tokenizer.decode(seq.output_token_ids[-window:], skip_special_tokens=True)
+    return any(s in text for s in stops)
