@@ -208,14 +208,15 @@ def main(argv: list[str] | None = None) -> int:
 
     system, first, second = chat_workload(args.users, args.system_len, vocab, args.seed, tokenizer)
     # Replies end at one of 1/32 of the vocabulary (a long-tailed length, like real chat) or at
-    # max_new_tokens; a real checkpoint stops at its own eos instead.
-    stop = None if tokenizer is not None else list(range(8, vocab, 32))
+    # max_new_tokens; a real checkpoint stops at its own eos, or when it starts the next user turn.
+    stop_ids = None if tokenizer is not None else list(range(8, vocab, 32))
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=0.8,
         top_p=0.95,
         seed=args.seed,
-        stop_token_ids=stop,
+        stop_token_ids=stop_ids,
+        stop=["\nUser"] if tokenizer is not None else None,
     )
     engine = Engine(
         model, num_blocks=args.num_blocks, block_size=args.block_size, tokenizer=tokenizer
