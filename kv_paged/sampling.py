@@ -22,7 +22,7 @@ class SamplingParams:
     max_new_tokens: tokens to generate per sample (>= 1).
     temperature: 0 = greedy (argmax); > 0 divides the logits before softmax.
     top_p: nucleus sampling, keep the smallest set of tokens whose probability reaches top_p (1 = off).
-    top_k: keep the k most likely tokens (0 or None = off).
+    top_k: keep the k most likely tokens (None, 0 or -1 = off).
     n: independent samples of the same prompt; they share the prompt's KV blocks (copy-on-write).
     seed: the request's seed; None draws one from torch's global generator at add_request time
       (so torch.manual_seed makes a run reproducible).
@@ -65,11 +65,13 @@ class SamplingParams:
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams: top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None and (
-            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1
         ):
             raise ValueError(
-                f"SamplingParams: top_k must be None or an int >= 0, got {self.top_k!r}"
+                f"SamplingParams: top_k must be None, -1 or 0 (off) or an int >= 1, got {self.top_k!r}"
             )
+        if self.top_k == -1:  # vLLM's spelling of "off"
+            self.top_k = None
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"SamplingParams: n must be an int >= 1, got {self.n!r}")
         if self.seed is not None and (
@@ -131,7 +133,8 @@ def sample(
       for a top_p-only row, or the whole sorted vocabulary when its nucleus is bigger than that),
       keep the top_p nucleus and invert its CDF.
     Each inversion uses one uniform drawn from the row's own CPU generator, so a row's token depends
-    only on its logits and its generator, never on the other rows. One host sync in all.
+    only on its logits and its generator, never on the other rows. One host sync, plus one per
+    top_p candidate width (to find nuclei that outgrew their candidates).
     """
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
         raise ValueError(
@@ -148,26 +151,31 @@ def sample(
     x = logits[rows].float() / temps[:, None]  # [R, vocab]
     picked = torch.empty(len(rows), dtype=torch.int64, device=device)  # [R] token ids
 
-    plain = [r for r, i in enumerate(rows) if not params[i].top_k and params[i].top_p >= 1.0]
+    # Each row's candidate width depends on its own parameters only, and rows of equal width share
+    # one topk call, so a row's token (tie order included) never depends on the other rows.
+    plain: list[int] = []
+    groups: dict[int, list[int]] = {}  # width -> rows
+    for r, i in enumerate(rows):
+        p = params[i]
+        if p.top_k and p.top_k < vocab:
+            groups.setdefault(p.top_k, []).append(r)
+        elif p.top_p < 1.0:
+            groups.setdefault(min(vocab, TOP_P_CANDIDATES), []).append(r)
+        else:
+            plain.append(r)
     if plain:
         picked[plain] = _invert_cdf(torch.softmax(x[plain], dim=-1), u[plain])
-
-    truncated = [r for r, i in enumerate(rows) if params[i].top_k or params[i].top_p < 1.0]
-    for full_sort in (False, True):
-        if not truncated:
-            break
-        sel = [rows[r] for r in truncated]
-        top_k = [min(params[i].top_k or vocab, vocab) for i in sel]
-        width = [vocab if full_sort else min(k, TOP_P_CANDIDATES) for k in top_k]
-        tok, covered = _sample_truncated(
-            x[truncated],
-            u[truncated],
-            torch.tensor(width, device=device),
-            torch.tensor([k < vocab for k in top_k], device=device),
-            torch.tensor([params[i].top_p for i in sel], device=device),
-        )
-        picked[truncated] = tok
-        truncated = [r for r, ok in zip(truncated, covered.tolist()) if not ok]
+    has_top_k = torch.tensor(
+        [bool(params[i].top_k) and params[i].top_k < vocab for i in rows], device=device
+    )  # [R]
+    top_p = torch.tensor([params[i].top_p for i in rows], device=device)  # [R]
+    full = groups.pop(vocab, [])
+    for width, group in groups.items():
+        tok, covered = _sample_truncated(x[group], u[group], width, has_top_k[group], top_p[group])
+        picked[group] = tok
+        full += [r for r, ok in zip(group, covered.tolist()) if not ok]
+    if full:  # top_p-only rows whose nucleus outgrew their candidates: the whole sorted vocabulary
+        picked[full] = _sample_truncated(x[full], u[full], vocab, has_top_k[full], top_p[full])[0]
     tokens[rows] = picked
     return tokens.tolist()
 
@@ -197,17 +205,15 @@ def token_logprobs(
 def _sample_truncated(
     x: torch.Tensor,
     u: torch.Tensor,
-    width: torch.Tensor,
+    width: int,
     has_top_k: torch.Tensor,
     top_p: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [R, vocab] tempered logits; u: [R] uniforms; width: [R] candidates per row (top_k, or a
-    top_p search width); has_top_k, top_p: [R]. Returns (tokens [R], covered [R] bool): covered is
-    False for a top_p-only row whose nucleus reaches past its candidates (redo it with width=vocab)."""
-    k = int(width.max())
-    values, order = torch.topk(x, k, dim=-1, sorted=True)  # [R, k] descending
-    rank = torch.arange(k, device=x.device)[None, :]  # [1, k]
-    values = values.masked_fill(rank >= width[:, None], float("-inf"))
+    """x: [R, vocab] tempered logits; u: [R] uniforms; width: candidates per row (the rows' top_k,
+    or a top_p search width); has_top_k, top_p: [R]. Returns (tokens [R], covered [R] bool):
+    covered is False for a top_p-only row whose nucleus reaches past its candidates (redo it with
+    width = vocab)."""
+    values, order = torch.topk(x, width, dim=-1, sorted=True)  # [R, width] descending
     # top_k renormalises over its k tokens; top_p alone needs probabilities over the whole vocabulary.
     log_z = torch.where(
         has_top_k, torch.logsumexp(values, dim=-1), torch.logsumexp(x, dim=-1)

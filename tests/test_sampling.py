@@ -108,3 +108,42 @@ def test_masked_vocabulary_is_never_sampled():
     for seed in range(200):
         tokens = sample(logits, params, [make_generator(seed, i) for i in range(4)])
         assert max(tokens) < 40, tokens
+
+
+def test_top_k_wider_than_the_top_p_candidates():
+    # top_k = 2000 on near-uniform logits over 4096 tokens: about half the draws must come from
+    # ranks 1024..1999 (a top_k capped at the top_p candidate width would never reach them).
+    vocab, n = 4096, 4000
+    g = torch.Generator().manual_seed(3)
+    row = torch.randn(vocab, generator=g) * 1e-3
+    rank_of = torch.empty(vocab, dtype=torch.int64)
+    rank_of[torch.argsort(row, descending=True)] = torch.arange(vocab)
+    params = SamplingParams(temperature=1.0, top_k=2000)
+    tokens = sample(row.expand(n, vocab), [params] * n, [make_generator(5, i) for i in range(n)])
+    ranks = rank_of[torch.tensor(tokens)]
+    assert ranks.max() < 2000
+    assert 0.4 < (ranks >= 1024).double().mean() < 0.6
+
+
+def test_ties_do_not_depend_on_the_batch():
+    # bf16 logits have many exact ties; a row's token must not change with the rows beside it.
+    vocab = 32000
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(3, vocab, generator=g) * 2).bfloat16()
+    params = [
+        SamplingParams(temperature=1.0, top_k=50),
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=0.7, top_k=3000),
+    ]
+    for seed in range(30):
+        alone = [
+            sample(logits[i : i + 1], [params[i]], [make_generator(seed, i)])[0] for i in range(3)
+        ]
+        together = sample(logits, params, [make_generator(seed, i) for i in range(3)])
+        assert together == alone
+
+
+def test_top_k_minus_one_is_off():
+    assert SamplingParams(top_k=-1).top_k is None
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-2)
