@@ -106,7 +106,11 @@ def run_chat(
             if bar is not None:
                 bar.update(1)
             if key[1] == 1 and out.error is None:
-                prompts[(key[0], 2)] = prompts[key] + out.outputs[0].token_ids + second[key[0]]
+                reply = out.outputs[0].token_ids
+                if engine.tokenizer is not None:  # as a chat app does: the reply's text, re-encoded
+                    text = out.outputs[0].text  # (cut before a stop string, no special tokens)
+                    reply = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+                prompts[(key[0], 2)] = prompts[key] + reply + second[key[0]]
                 engine.add_request(
                     prompts[(key[0], 2)], params_for(key[0]), request_id=f"user{key[0]}-turn2"
                 )

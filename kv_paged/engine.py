@@ -140,6 +140,11 @@ class Engine:
         token_ids = self._encode(prompt)
         if params.stop and self.tokenizer is None:
             raise ValueError("add_request: SamplingParams.stop needs Engine(..., tokenizer=...)")
+        if params.logprobs is not None and self.vocab_size and params.logprobs > self.vocab_size:
+            raise ValueError(
+                f"add_request: SamplingParams.logprobs = {params.logprobs} exceeds the vocabulary "
+                f"({self.vocab_size} tokens)"
+            )
         request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"add_request: request_id {request_id!r} is already in use")
@@ -209,14 +214,26 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending_outputs)
 
-    def abort(self, request_id: str) -> None:
-        """Stops a request and frees its blocks; the next step() reports it (finish_reason "abort")."""
-        req = self._requests.get(request_id)
-        if req is None:
-            raise KeyError(f"abort: no request {request_id!r}")
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its blocks; the next step() reports it (finish_reason "abort").
+        Returns False, and does nothing, for an id that is unknown or already finished (a
+        streaming client may abort what just finished, as in vLLM)."""
+        req = self._requests.get(str(request_id))
+        if req is None or req.finished:
+            return False
         self.scheduler.abort_request(req)
         req.forked = True  # an aborted n > 1 request never forks: report its samples as they are
         self._pending_outputs.append(req)
+        return True
+
+    def _discard(self, request_id: str) -> None:
+        """Drops a request without a trace: blocks freed, no output will ever mention it."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.abort_request(req)
+        self._pending_outputs = [r for r in self._pending_outputs if r is not req]
+        self._outputs.forget(req)
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling step and one forward; returns the requests that got new tokens
@@ -249,7 +266,8 @@ class Engine:
     def _record_finished(self, req: Request) -> None:
         req.finished_time = time.perf_counter()
         self._metrics.num_finished += 1
-        if req.error is None and req.first_token_time is not None:
+        aborted = any(s.finish_reason == "abort" for s in req.seqs)
+        if req.error is None and req.first_token_time is not None and not aborted:
             self._metrics.record_request(
                 req.first_token_time - req.arrival_time,
                 req.finished_time - req.first_token_time,
@@ -281,12 +299,20 @@ class Engine:
                 raise ValueError(
                     f"generate: {len(params_list)} SamplingParams for {len(prompts)} prompts"
                 )
+        if self.has_unfinished():
+            raise RuntimeError(
+                f"generate: {len(self._requests)} requests added with add_request() are unfinished; "
+                "run step() until has_unfinished() is False (or abort them) first"
+            )
         self.reset_metrics()
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
-        wanted = set(ids)
+        ids: list[str] = []
         results: dict[str, RequestOutput] = {}
-        bar = _progress_bar(len(ids), use_tqdm)
+        bar = None
         try:
+            for p, sp in zip(prompts, params_list):
+                ids.append(self.add_request(p, sp))
+            wanted = set(ids)
+            bar = _progress_bar(len(ids), use_tqdm)
             while self.has_unfinished():
                 for out in self._step(final_only=True):
                     if out.request_id in wanted:
@@ -301,10 +327,9 @@ class Engine:
                         refresh=False,
                     )
         except BaseException:
-            # An interrupted generate() leaves no orphans that a later call would silently serve.
+            # A bad prompt or an interrupt leaves no orphans that a later call would silently serve.
             for rid in ids:
-                if rid not in results and rid in self._requests:
-                    self.abort(rid)
+                self._discard(rid)
             raise
         finally:
             if bar is not None:
@@ -392,8 +417,9 @@ class Engine:
             group = req.seqs if not req.forked else [seq]
             row_index += [r] * len(group)
             row_seqs += group
-        # Nothing below may fail half-way: if the forward or the sampler raises (out of memory, a
-        # model error, a KeyboardInterrupt), the step is undone and its sequences recompute later.
+        # Everything that can fail runs first, inside the try, before any state changes: if the
+        # forward, the sampler or the tokenizer raises (out of memory, a model error, Ctrl-C), the
+        # step is undone and its sequences recompute later. After it comes only bookkeeping.
         drawing = [s for s in row_seqs if not s.request.params.greedy]  # greedy rows draw nothing
         generator_states = [s.generator.get_state() for s in drawing]
         t0 = time.perf_counter()
@@ -425,6 +451,14 @@ class Engine:
                 if want
                 else []
             )
+            # The tokenizer is user code too: decide stop strings before changing any state.
+            stop_hits = [
+                bool(seq.request.params.stop)
+                and hit_stop_string(
+                    self.tokenizer, seq.output_token_ids, token, seq.request.params.stop
+                )
+                for seq, token in zip(row_seqs, tokens)
+            ]
         except BaseException:
             for s, state in zip(drawing, generator_states):
                 s.generator.set_state(state)
@@ -450,7 +484,7 @@ class Engine:
                 m.forks += 1
         touched: dict[str, Request] = {}
         t1 = time.perf_counter()
-        for seq, token in zip(row_seqs, tokens):
+        for seq, token, stop_hit in zip(row_seqs, tokens, stop_hits):
             req = seq.request
             req.forked = True
             if req.first_token_time is None:
@@ -458,7 +492,7 @@ class Engine:
             seq.token_ids.append(token)
             touched[req.request_id] = req
             out_len = len(seq.token_ids) - seq.prompt_len
-            if token in req.stop_ids or (req.params.stop and hit_stop_string(self.tokenizer, seq)):
+            if token in req.stop_ids or stop_hit:
                 self.scheduler.finish(seq, "stop")
             elif out_len >= req.params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
                 self.scheduler.finish(seq, "length")

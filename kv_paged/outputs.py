@@ -112,14 +112,23 @@ class OutputProcessor:
         return text
 
 
-def hit_stop_string(tokenizer: Any, seq: Sequence) -> bool:
-    """Whether the newest token of seq completed one of its stop strings. Decodes only the
-    newest len(stop) + 2 tokens, O(1) per token instead of O(output): a token decodes to at least
-    one character (the 2 spare tokens absorb partial UTF-8 bytes and a window that starts inside a
-    character or loses a leading space). The text before the newest token cannot hold a stop
-    string (the sample would have stopped then), so the newest token completed it iff the window's
-    text holds it now."""
-    stops = seq.request.params.stop
-    window = max(map(len, stops)) + 2
-    text = tokenizer.decode(seq.output_token_ids[-window:], skip_special_tokens=True)
-    return any(s in text for s in stops)
+def hit_stop_string(
+    tokenizer: Any, output_ids: list[int], new_token: int, stops: list[str]
+) -> bool:
+    """Whether appending new_token to a sample's output_ids completes one of its stop strings.
+
+    The text before new_token cannot hold a stop string (the sample would have stopped then), so it
+    is enough to look at the tail that ends with new_token, as long as the tail's text is longer
+    than the longest stop string. Starts with len(stop) + 2 tokens and doubles while the text is too
+    short (byte-level tokens of CJK or emoji, skipped special tokens): O(1) per token in practice,
+    instead of decoding the whole output each time.
+    """
+    longest = max(map(len, stops))
+    window = longest + 2
+    while True:
+        tail = output_ids[len(output_ids) - min(window - 1, len(output_ids)) :] + [new_token]
+        text = tokenizer.decode(tail, skip_special_tokens=True)
+        # One character more than the longest stop string: the tail may start inside a character.
+        if len(text) > longest or window > len(output_ids):
+            return any(stop in text for stop in stops)
+        window *= 2

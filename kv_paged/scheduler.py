@@ -204,11 +204,16 @@ class Scheduler:
 
         # 3) Admit waiting sequences while blocks, sequence slots and token budget last; never right
         # after a preemption (the pool is full, admitting would only thrash).
+        # An n > 1 request holds n sequence slots from admission on, although its samples only
+        # fork once the prompt is computed.
+        occupied = len(self.running) + sum(
+            seq.request.params.n - 1 for seq in self.running if not seq.request.forked
+        )
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             req = seq.request
             width = req.params.n if not req.forked else 1
-            if len(self.running) + width > self.max_num_seqs and self.running:
+            if occupied + width > self.max_num_seqs and self.running:
                 break
             num_tokens = len(seq.token_ids)
             needed = -(-num_tokens // self.bm.block_size)
@@ -226,6 +231,7 @@ class Scheduler:
             seq.num_in_manager = num_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            occupied += width
             chunk = min(num_tokens - cached, budget)
             entries.append(ScheduledSeq(seq, cached, cached + chunk))
             slot_parts.append(self.bm.slot_mapping(seq.seq_id, cached, cached + chunk))

@@ -8,6 +8,7 @@ at a time; prompt lengths straddle block boundaries (1, block_size - 1, block_si
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import random
 import time
@@ -629,3 +630,105 @@ def test_logprobs_match_the_models_distribution(model, eager):
     assert plain.logprobs is None and plain.cumulative_logprob is None
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=-1)
+
+
+def test_generate_refuses_or_cleans_up(model):
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE)
+    # A bad prompt after good ones: nothing stays behind for a later call to serve.
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[1, 2], [3, 4], []], greedy(), use_tqdm=False)
+    assert not engine.has_unfinished() and engine.block_manager.stats()["num_seqs"] == 0
+    outs = engine.generate([[9, 9]], greedy(), use_tqdm=False)
+    assert len(outs) == 1 and engine.metrics().num_requests == engine.metrics().num_finished == 1
+    # Requests of the step API are not silently consumed by generate().
+    rid = engine.add_request([5, 6, 7], greedy(max_new=3))
+    with pytest.raises(RuntimeError, match="unfinished"):
+        engine.generate([[1, 2]], greedy(), use_tqdm=False)
+    finished = []
+    while engine.has_unfinished():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == [rid]
+    assert engine.abort(rid) is False and engine.abort("nope") is False  # finished / unknown
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.add_request([1], SamplingParams(logprobs=VOCAB + 1))
+    check_freed(engine)
+
+
+def test_max_num_seqs_counts_unforked_samples(model):
+    # n = 3 requests hold 3 sequence slots from admission on, while their prompts are prefilled
+    # in chunks (they fork only afterwards): running sequences never exceed max_num_seqs.
+    ps = prompts(32, [30, 25, 6, 9, 28])
+    params = [SamplingParams(max_new_tokens=5, n=3 if i % 2 == 0 else 1, seed=i) for i in range(5)]
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE, max_num_seqs=4)
+    engine.scheduler.max_num_batched_tokens = 8
+    for p, q in zip(ps, params):
+        engine.add_request(p, q)
+    peak = 0
+    while engine.has_unfinished():
+        engine.step()
+        peak = max(peak, len(engine.scheduler.running))
+    assert peak <= 4 and engine.metrics().forks == 3 * 2
+    check_freed(engine)
+
+
+class FlakyTokenizer(CharTokenizer):
+    """Raises KeyboardInterrupt on the given decode calls (1-based), like a Ctrl-C landing there."""
+
+    def __init__(self, fail_on: set[int]) -> None:
+        self.fail_on, self.calls = fail_on, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise KeyboardInterrupt
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_interrupt_in_the_stop_string_check_is_undone(model):
+    p = prompts(33, [10])[0]
+    params = [
+        SamplingParams(max_new_tokens=12, temperature=1.0, seed=4, stop=["QQQ"]),
+        SamplingParams(max_new_tokens=12, temperature=1.0, seed=5),
+    ]
+    ref = Engine(model, num_blocks=32, block_size=BLOCK_SIZE, tokenizer=CharTokenizer())
+    want = [o.token_ids for o in ref.generate([p, p], params, use_tqdm=False)]
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE, tokenizer=FlakyTokenizer({3, 7}))
+    for i, q in enumerate(params):
+        engine.add_request(p, q, request_id=str(i))
+    got, interrupts = {}, 0
+    while engine.has_unfinished():
+        try:
+            got.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        except KeyboardInterrupt:
+            interrupts += 1
+    assert interrupts == 2 and [got["0"], got["1"]] == want
+    check_freed(engine)
+
+
+class SparseTokenizer(CharTokenizer):
+    """Three of every four ids decode to nothing (like byte-level pieces of one character)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(0x41 + i % 26) for i in ids if i % 4 == 0)
+
+
+def test_stop_string_spread_over_empty_tokens(model):
+    tok = SparseTokenizer()
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE, tokenizer=tok)
+    p = prompts(34, [12])[0]
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=9)
+    full = engine.generate([p], params, use_tqdm=False)[0].outputs[0]
+    # A 2-character stop string whose characters come from tokens 4+ apart (3+ empty tokens
+    # between them): a fixed window of len(stop) + 2 tokens would never see both.
+    where = [t for t, i in enumerate(full.token_ids) if i % 4 == 0]  # tokens that make a character
+    j = next(
+        j
+        for j in range(len(where) - 1)
+        if where[j + 1] - where[j] >= 4 and full.text.find(full.text[j : j + 2]) == j
+    )
+    stop = full.text[j : j + 2]
+    first = next(t for t in range(1, 41) if stop in tok.decode(full.token_ids[:t]))
+    hit = engine.generate([p], dataclasses.replace(params, stop=[stop]), use_tqdm=False)[0]
+    assert hit.outputs[0].finish_reason == "stop"
+    assert hit.token_ids == full.token_ids[:first]
+    assert hit.outputs[0].text == full.text[: full.text.find(stop)]
