@@ -106,9 +106,18 @@ class OutputProcessor:
     def _text(self, seq: Sequence) -> str:
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
         stops = seq.request.params.stop
-        if stops and seq.finish_reason == "stop":
+        if not stops:
+            return text
+        if seq.finish_reason == "stop":
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
-            text = text[:cut]
+            return text[:cut]
+        if seq.finish_reason is None:
+            # Still running: hold back a tail that may be the start of a stop string, so streamed
+            # text never shows what the final text will not (vLLM does the same).
+            held = max(
+                (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+            )
+            return text[: len(text) - held]
         return text
 
 

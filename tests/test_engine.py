@@ -732,3 +732,19 @@ def test_stop_string_spread_over_empty_tokens(model):
     assert hit.outputs[0].finish_reason == "stop"
     assert hit.token_ids == full.token_ids[:first]
     assert hit.outputs[0].text == full.text[: full.text.find(stop)]
+
+
+def test_streamed_text_never_shows_a_stop_string_start(model):
+    tok = CharTokenizer()
+    engine = Engine(model, num_blocks=32, block_size=BLOCK_SIZE, tokenizer=tok)
+    p = prompts(35, [11])[0]
+    text = engine.generate([p], greedy(max_new=20), use_tqdm=False)[0].outputs[0].text
+    k = next(i for i in range(3, 16) if text.find(text[i : i + 3]) == i)
+    engine.add_request(p, greedy(max_new=20, stop=[text[k : k + 3]]))
+    streamed = []
+    while engine.has_unfinished():
+        streamed += [o.outputs[0].text for o in engine.step()]
+    assert streamed[-1] == text[:k]
+    # Without the hold-back, the steps that generated text[k] and text[k + 1] would show them.
+    assert all(text[:k].startswith(t) for t in streamed), streamed
+    check_freed(engine)
