@@ -34,7 +34,7 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 class Engine:
     """Serves many generation requests over one paged KV pool with a HuggingFace causal LM.
 
-    model: a transformers causal LM (its attention is switched to "kv_paged" for the engine's life).
+    model: a transformers causal LM (its attention is switched to "kv_paged" until close()).
     num_blocks: KV pool size in blocks; None sizes it from kv_memory.
     kv_memory: pool budget in bytes; None = CUDA_FREE_MEMORY_FRACTION of free device memory on CUDA,
       on CPU the smaller of DEFAULT_CPU_KV_MEMORY and CPU_FREE_MEMORY_FRACTION of available host
