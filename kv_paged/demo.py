@@ -79,7 +79,7 @@ def run_chat(
     """Serves turn 1 of every user (arrivals_per_step new users per engine step), and each user's
     turn 2 as soon as their turn 1 finishes.
     Turn 2 continues the first sample. Returns {(user, turn): RequestOutput}."""
-    from kv_paged.engine import _progress_bar
+    from kv_paged.metrics import progress_bar
 
     engine.reset_metrics()
     results = {}
@@ -88,7 +88,7 @@ def run_chat(
     # Every 4th user asks for two alternative replies (n = 2: forked blocks, copy-on-write).
     params_n2 = dataclasses.replace(params, n=2)
     params_for = lambda u: params_n2 if u % 4 == 3 else params
-    bar = _progress_bar(2 * len(first), use_tqdm)
+    bar = progress_bar(2 * len(first), use_tqdm)
     while arrivals or engine.has_unfinished():
         # Users arrive a few per step: the first one's prefill puts the system prompt in the prefix
         # cache, so later users compute only their own text.

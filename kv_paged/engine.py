@@ -11,7 +11,6 @@ at the rows that sample. The scheduler (kv_paged/scheduler.py) decides the slice
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
@@ -19,15 +18,12 @@ from collections.abc import Sequence as Seq
 import torch
 
 from kv_paged.block_manager import BlockManager
-from kv_paged.metrics import EngineMetrics
-from kv_paged.model_runner import ModelRunner, kv_bytes_per_block
+from kv_paged.metrics import EngineMetrics, progress_bar
+from kv_paged.model_runner import ModelRunner, default_kv_memory, kv_bytes_per_block
 from kv_paged.outputs import OutputProcessor, RequestOutput, hit_stop_string
 from kv_paged.sampling import SamplingParams, make_generator, sample, token_logprobs
 from kv_paged.scheduler import Request, ScheduledBatch, Scheduler, SeqStatus, Sequence
 
-DEFAULT_CPU_KV_MEMORY = 1 << 30  # at most 1 GiB of KV pool on CPU unless kv_memory says otherwise
-CPU_FREE_MEMORY_FRACTION = 0.25  # ... and at most this much of the host's available memory
-CUDA_FREE_MEMORY_FRACTION = 0.7  # of the free device memory after the model is loaded
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
@@ -36,9 +32,8 @@ class Engine:
 
     model: a transformers causal LM (its attention is switched to "kv_paged" until close()).
     num_blocks: KV pool size in blocks; None sizes it from kv_memory.
-    kv_memory: pool budget in bytes; None = CUDA_FREE_MEMORY_FRACTION of free device memory on CUDA,
-      on CPU the smaller of DEFAULT_CPU_KV_MEMORY and CPU_FREE_MEMORY_FRACTION of available host
-      memory; never more than max_num_seqs full-length sequences need.
+    kv_memory: pool budget in bytes; None = a fraction of free device memory (model_runner.py's
+      default_kv_memory); never more than max_num_seqs full-length sequences need.
     max_num_batched_tokens: tokens per forward (prefill chunks + decode rows); None = 2048.
     tokenizer: optional; lets prompts be strings and fills CompletionOutput.text.
     """
@@ -81,7 +76,7 @@ class Engine:
         self.block_size = block_size
         self.bytes_per_block = kv_bytes_per_block(model, block_size)
         if num_blocks is None:
-            budget = kv_memory if kv_memory is not None else self._default_kv_memory()
+            budget = kv_memory if kv_memory is not None else default_kv_memory(self.device)
             cap = max_num_seqs * -(-min(self.max_model_len, 1 << 20) // block_size)
             num_blocks = max(1, min(budget // self.bytes_per_block, cap))
         self.num_blocks = num_blocks
@@ -104,24 +99,14 @@ class Engine:
         self.vocab_size = int(getattr(config, "vocab_size", 0)) or None
 
         self._requests: dict[str, Request] = {}
-        self._pending_outputs: list[
-            Request
-        ] = []  # requests refused at add_request, reported next step
+        # Requests finished outside a step (refused at add_request, aborted): reported next step.
+        self._pending_outputs: list[Request] = []
         self._outputs = OutputProcessor(tokenizer)
         self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
         self._metrics: EngineMetrics | None = None
 
     # ---- public API ------------------------------------------------------------------------------
-
-    def _default_kv_memory(self) -> int:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * CUDA_FREE_MEMORY_FRACTION)
-        available = host_available_memory()
-        if available is None:
-            return DEFAULT_CPU_KV_MEMORY
-        return min(DEFAULT_CPU_KV_MEMORY, int(available * CPU_FREE_MEMORY_FRACTION))
 
     def add_request(
         self,
@@ -312,7 +297,7 @@ class Engine:
             for p, sp in zip(prompts, params_list):
                 ids.append(self.add_request(p, sp))
             wanted = set(ids)
-            bar = _progress_bar(len(ids), use_tqdm)
+            bar = progress_bar(len(ids), use_tqdm)
             while self.has_unfinished():
                 for out in self._step(final_only=True):
                     if out.request_id in wanted:
@@ -517,29 +502,3 @@ class Engine:
             ),
         )
         return list(touched.values())
-
-
-def host_available_memory() -> int | None:
-    """Bytes of host memory available without swapping (Linux MemAvailable; free pages elsewhere),
-    or None when the platform does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="kv_paged", unit="req", dynamic_ncols=True)

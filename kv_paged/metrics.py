@@ -150,3 +150,14 @@ def _percentile(xs: list[float], q: float) -> float:
     ordered = sorted(xs)
     rank = math.ceil(q * len(ordered) - 1e-9)  # 1-based; the epsilon absorbs float error in q * n
     return ordered[min(max(rank, 1), len(ordered)) - 1]
+
+
+def progress_bar(total: int, enabled: bool):
+    """A tqdm bar over `total` requests, or None when disabled or tqdm is missing."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="kv_paged", unit="req", dynamic_ncols=True)

@@ -1,4 +1,5 @@
-"""The Engine's model forward: one packed varlen step through a HuggingFace model over the pool.
+"""The Engine's model forward: one packed varlen step through a HuggingFace model over the pool,
+and the pool's default size.
 
 Design decision: the step's tokens (prefill chunks and decode rows together) go in as input_ids
 [1, T] with explicit position_ids, the attention metadata is built once per step and handed to the
@@ -8,11 +9,45 @@ rows that sample (logits_to_keep as an index tensor), so lm_head never sees pref
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 
 from kv_paged.cache import AttentionMetadata, KVCachePool
+
+DEFAULT_CPU_KV_MEMORY = 1 << 30  # at most 1 GiB of KV pool on CPU unless kv_memory says otherwise
+CPU_FREE_MEMORY_FRACTION = 0.25  # ... and at most this much of the host's available memory
+CUDA_FREE_MEMORY_FRACTION = 0.7  # of the free device memory after the model is loaded
+
+
+def default_kv_memory(device: torch.device) -> int:
+    """The KV pool budget in bytes when the user gives none: CUDA_FREE_MEMORY_FRACTION of the free
+    device memory on CUDA; on CPU the smaller of DEFAULT_CPU_KV_MEMORY and CPU_FREE_MEMORY_FRACTION
+    of the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_FREE_MEMORY_FRACTION)
+    available = host_available_memory()
+    if available is None:
+        return DEFAULT_CPU_KV_MEMORY
+    return min(DEFAULT_CPU_KV_MEMORY, int(available * CPU_FREE_MEMORY_FRACTION))
+
+
+def host_available_memory() -> int | None:
+    """Bytes of host memory available without swapping (Linux MemAvailable; free pages elsewhere),
+    or None when the platform does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def kv_bytes_per_block(model, block_size: int) -> int:

@@ -555,23 +555,23 @@ def test_close_gives_the_model_back(eager):
 
 
 def test_default_pool_size_on_cpu(model, monkeypatch):
-    import kv_paged.engine as engine_module
+    import kv_paged.model_runner as runner_module
 
     per_block = 2 * 2 * BLOCK_SIZE * 2 * 16 * 4  # layers x (K, V) x tokens x kv heads x dims x fp32
     # Plenty of host memory: the 1 GiB default holds more than max_num_seqs full-length
     # sequences need, so that is the size.
-    monkeypatch.setattr(engine_module, "host_available_memory", lambda: 64 << 30)
+    monkeypatch.setattr(runner_module, "host_available_memory", lambda: 64 << 30)
     assert (1 << 30) // per_block > 256 * (MAX_POS // BLOCK_SIZE)
     assert Engine(model, block_size=BLOCK_SIZE).num_blocks == 256 * (MAX_POS // BLOCK_SIZE)
     # Little host memory: a quarter of what is available.
-    monkeypatch.setattr(engine_module, "host_available_memory", lambda: 4 << 20)
+    monkeypatch.setattr(runner_module, "host_available_memory", lambda: 4 << 20)
     assert Engine(model, block_size=BLOCK_SIZE).num_blocks == (1 << 20) // per_block
     # The platform does not say: the 1 GiB default alone.
-    monkeypatch.setattr(engine_module, "host_available_memory", lambda: None)
+    monkeypatch.setattr(runner_module, "host_available_memory", lambda: None)
     engine = Engine(model, block_size=BLOCK_SIZE, max_num_seqs=1 << 20)
     assert engine.num_blocks == (1 << 30) // per_block
     monkeypatch.undo()
-    assert engine_module.host_available_memory() > 0  # Linux reports MemAvailable
+    assert runner_module.host_available_memory() > 0  # Linux reports MemAvailable
 
 
 def test_stop_strings(model):
