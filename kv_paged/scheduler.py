@@ -125,27 +125,26 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.bm.free(seq.seq_id)
-        self.running.remove(seq)
+    def _send_back(self, seq: Sequence) -> None:
+        """seq loses its blocks and goes to the front of the queue, to be recomputed from scratch."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.bm.free(seq.seq_id)
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
         seq.num_in_manager = 0
+        self.waiting.appendleft(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._send_back(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
 
     def requeue(self, seqs: list[Sequence]) -> None:
         """Undoes a step whose forward or sampling failed: each of seqs loses its blocks and goes
         back to the front of the queue, in order, to be recomputed (not counted as a preemption)."""
         for seq in reversed(seqs):
-            if seq in self.running:
-                self.running.remove(seq)
-                self.bm.free(seq.seq_id)
-            seq.status = SeqStatus.WAITING
-            seq.num_computed = 0
-            seq.num_in_manager = 0
-            self.waiting.appendleft(seq)
+            self._send_back(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED
