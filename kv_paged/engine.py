@@ -256,7 +256,7 @@ class Engine:
             self._metrics.record_request(
                 req.first_token_time - req.arrival_time,
                 req.finished_time - req.first_token_time,
-                max(len(s.output_token_ids) for s in req.seqs),
+                max(len(s.token_ids) - s.prompt_len for s in req.seqs),
             )
 
     def generate(
@@ -392,6 +392,7 @@ class Engine:
         m = self._metrics
         m.preemptions += len(batch.preempted)
         entries = batch.entries
+        seq_ids = [e.seq.seq_id for e in entries]
         sampling_rows = [i for i, e in enumerate(entries) if e.samples]
         # Rows to sample: one per sequence, except an unforked n > 1 request, which samples all n
         # of its sequences from the prompt's logits row (each with its own generator).
@@ -413,7 +414,7 @@ class Engine:
                 [e.seq.token_ids[e.start : e.end] for e in entries],
                 [e.start for e in entries],
                 batch.slot_mapping,
-                self.block_manager.block_tables([e.seq.seq_id for e in entries]),
+                self.block_manager.block_tables(seq_ids),
                 batch.copies,
                 sampling_rows,
             )  # [len(sampling_rows), vocab]
@@ -440,7 +441,7 @@ class Engine:
             stop_hits = [
                 bool(seq.request.params.stop)
                 and hit_stop_string(
-                    self.tokenizer, seq.output_token_ids, token, seq.request.params.stop
+                    self.tokenizer, seq.token_ids, seq.prompt_len, token, seq.request.params.stop
                 )
                 for seq, token in zip(row_seqs, tokens)
             ]
@@ -449,7 +450,7 @@ class Engine:
                 s.generator.set_state(state)
             self.scheduler.requeue([e.seq for e in entries])
             raise
-        self.block_manager.mark_computed([e.seq.seq_id for e in entries], [e.end for e in entries])
+        self.block_manager.mark_computed(seq_ids, [e.end for e in entries])
         for e in entries:
             e.seq.num_computed = e.end
         for j, entry in zip(want, logprobs):

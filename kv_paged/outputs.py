@@ -122,22 +122,24 @@ class OutputProcessor:
 
 
 def hit_stop_string(
-    tokenizer: Any, output_ids: list[int], new_token: int, stops: list[str]
+    tokenizer: Any, token_ids: list[int], prompt_len: int, new_token: int, stops: list[str]
 ) -> bool:
-    """Whether appending new_token to a sample's output_ids completes one of its stop strings.
+    """Whether appending new_token to a sample (token_ids = prompt + output so far) completes one of
+    its stop strings.
 
     The text before new_token cannot hold a stop string (the sample would have stopped then), so it
     is enough to look at the tail that ends with new_token, as long as the tail's text is longer
     than the longest stop string. Starts with len(stop) + 2 tokens and doubles while the text is too
     short (byte-level tokens of CJK or emoji, skipped special tokens): O(1) per token in practice,
-    instead of decoding the whole output each time.
+    neither copying nor decoding the whole output each time.
     """
     longest = max(map(len, stops))
+    num_output = len(token_ids) - prompt_len
     window = longest + 2
     while True:
-        tail = output_ids[len(output_ids) - min(window - 1, len(output_ids)) :] + [new_token]
+        tail = token_ids[len(token_ids) - min(window - 1, num_output) :] + [new_token]
         text = tokenizer.decode(tail, skip_special_tokens=True)
         # One character more than the longest stop string: the tail may start inside a character.
-        if len(text) > longest or window > len(output_ids):
+        if len(text) > longest or window > num_output:
             return any(stop in text for stop in stops)
         window *= 2
