@@ -290,6 +290,8 @@ void check_swap_blocks_args(const at::Tensor& src, const at::Tensor& dst,
               " does not match src block shape ", src.sizes().slice(1));
   check_block_mapping(block_mapping, 0, 0, /*check_values=*/false);
   TORCH_CHECK(block_mapping.is_cpu(), "block_mapping: must be a CPU tensor, got ", block_mapping.device());
+  check_block_mapping(block_mapping, src.size(0), dst.size(0), /*check_values=*/true,
+                      /*same_pool=*/src.is_alias_of(dst));
 }
 
 void check_slot_mapping_values(const at::Tensor& slot_mapping, int64_t num_slots) {

@@ -39,12 +39,12 @@ FlashAttentionParams make_flash_attention_params(
 void check_copy_blocks_args(at::TensorList k_caches, at::TensorList v_caches,
                             const at::Tensor& block_mapping);
 
-// src, dst: [num_blocks, ...] pools with equal block shape and dtype, on any devices;
-// block_mapping: int64 [n, 2] on the CPU. Metadata only.
 // Whether every block of a pool [num_blocks, ...] is one contiguous run of memory (so a block copy
 // is a single memcpy); true for an empty pool.
 bool blocks_contiguous(const at::Tensor& pool);
 
+// src, dst: [num_blocks, ...] pools with equal block shape and dtype, on any devices;
+// block_mapping: int64 [n, 2] on the CPU, its pairs in range (check_block_mapping).
 void check_swap_blocks_args(const at::Tensor& src, const at::Tensor& dst,
                             const at::Tensor& block_mapping);
 
