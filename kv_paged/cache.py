@@ -1,4 +1,5 @@
-"""Paged KV pools (one k/v pair per decoder layer) and the per-step attention metadata.
+"""Paged KV pools (one k/v pair per decoder layer), the per-step attention metadata and the
+attention parameters of a layer.
 
 One `AttentionMetadata` describes a whole forward step (a packed varlen batch of prefill chunks
 and decode rows) and is shared by every layer: it is built once per step, never once per layer.
@@ -15,7 +16,7 @@ import torch
 
 from kv_paged import ops
 
-__all__ = ["AttentionMetadata", "KVCachePool", "PaddedBatch", "blocks_needed", "left_padding"]
+__all__ = ["AttentionMetadata", "AttentionParams", "KVCachePool", "blocks_needed"]
 
 
 @dataclasses.dataclass
@@ -144,6 +145,33 @@ class AttentionMetadata:
         return out.index_copy_(0, self.token_index, x)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionParams:
+    """A layer's attention parameters, normalised once (`AttentionParams.of`); later layers trust
+    them. scale: None = 1 / sqrt(head_dim). sliding_window: None = off, else > 0 (the query at kv
+    position p sees keys in (p - w, p]). softcap: None = off, else > 0 (logits -> c * tanh(x / c))."""
+
+    scale: float | None = None
+    sliding_window: int | None = None
+    softcap: float | None = None
+
+    @classmethod
+    def of(
+        cls,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> AttentionParams:
+        """From the loose forms models use: a window or softcap of None, 0 or below means off."""
+        return cls(
+            scale=None if scale is None else float(scale),
+            sliding_window=int(sliding_window)
+            if sliding_window is not None and sliding_window > 0
+            else None,
+            softcap=float(softcap) if softcap is not None and softcap > 0 else None,
+        )
+
+
 class KVCachePool:
     """The K/V block pools of every layer plus the attention over them.
 
@@ -205,12 +233,10 @@ class KVCachePool:
         layer_idx: int,
         query: torch.Tensor,
         meta: AttentionMetadata,
+        params: AttentionParams,
         *,
         key: torch.Tensor | None = None,
         value: torch.Tensor | None = None,
-        scale: float | None = None,
-        sliding_window: int | None = None,
-        softcap: float | None = None,
     ) -> torch.Tensor:
         """Causal attention of the step's packed queries over each sequence's cached KV.
 
@@ -218,8 +244,6 @@ class KVCachePool:
         K/V, only used on a no-prefix step (flash attention on them, no pool read).
         Returns [T, num_heads, head_dim].
         """
-        window = sliding_window if sliding_window is not None and sliding_window > 0 else None
-        cap = softcap if softcap is not None and softcap > 0 else None
         if meta.num_tokens == 0:
             return query.new_zeros(query.shape)
         if meta.no_prefix and key is not None and value is not None:
@@ -231,10 +255,10 @@ class KVCachePool:
                 meta.cu_seqlens_q,
                 meta.max_seqlen_q,
                 meta.max_seqlen_q,
-                scale=scale,
+                scale=params.scale,
                 causal=True,
-                sliding_window=window,
-                softcap=cap,
+                sliding_window=params.sliding_window,
+                softcap=params.softcap,
             )
         return ops.paged_attention(
             query,
@@ -243,10 +267,10 @@ class KVCachePool:
             meta.block_tables,
             meta.cu_seqlens_q,
             meta.seq_lens_kv,
-            scale=scale,
+            scale=params.scale,
             causal=True,
-            sliding_window=window,
-            softcap=cap,
+            sliding_window=params.sliding_window,
+            softcap=params.softcap,
         )
 
     def copy_blocks(self, block_mapping: torch.Tensor) -> None:
@@ -258,224 +282,3 @@ class KVCachePool:
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     """ceil(num_tokens / block_size): the blocks a sequence of num_tokens tokens occupies."""
     return math.ceil(num_tokens / block_size)
-
-
-@dataclasses.dataclass
-class _Row:
-    """One batch row: a BlockManager sequence."""
-
-    seq_id: int
-    pad: int  # leading padding columns of this row in the padded input
-    tokens: list[int]  # every token the BlockManager holds for the sequence
-    written: int  # leading tokens whose K/V is in the pool (prefix-cached or computed)
-
-
-class PaddedBatch:
-    """A generate-style batch over a BlockManager: B left-padded rows, one sequence each, fed
-    column by column (a prompt, then continuations / decode tokens of the same width for all rows).
-
-    Turns each step's padded input_ids [B, S] into AttentionMetadata: pad tokens get no slot and no
-    query; prompt tokens already prefix-cached get slot -1 (kept, not rewritten). Every check runs
-    before the BlockManager changes, so a bad step leaves the batch as it was.
-    """
-
-    def __init__(self, block_manager, *, first_seq_id: int = 0) -> None:
-        self.block_manager = block_manager
-        self.block_size: int = block_manager.block_size
-        self.next_seq_id = first_seq_id
-        self.rows: list[_Row] = []
-        self.columns = 0  # padded input columns whose K/V is in the pool (or prefix-cached)
-        self._pending: tuple[list[int], int] | None = None  # (kv lens, columns) after the step
-
-    @property
-    def seq_ids(self) -> list[int]:
-        return [r.seq_id for r in self.rows]
-
-    def add_prompts(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> int:
-        """Book blocks for the prompts of a new batch, reusing prefix-cached blocks.
-
-        input_ids: int [B, L]; attention_mask: [B, L] of 0/1, left padding only (or None).
-        Returns the leading columns already in the pool for every row (always < L): the next step
-        feeds input_ids[:, returned:].
-        """
-        if self.rows:
-            raise RuntimeError("this batch already holds prompts")
-        if (
-            not isinstance(input_ids, torch.Tensor)
-            or input_ids.dim() != 2
-            or input_ids.shape[1] == 0
-        ):
-            raise ValueError(
-                f"input_ids must be an int tensor [B, L] with L > 0, got {_shape(input_ids)}"
-            )
-        self._admit(input_ids, attention_mask)
-        skip = min(r.pad + r.written for r in self.rows)
-        self.columns = min(skip, input_ids.shape[1] - 1)
-        return self.columns
-
-    def _admit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        bsz, length = input_ids.shape
-        pads = left_padding(attention_mask, bsz, length)
-        prompts = [row[p:] for row, p in zip(input_ids.tolist(), pads)]
-        need = sum(blocks_needed(len(p), self.block_size) for p in prompts)
-        free = self.block_manager.num_free_blocks
-        if need > free:
-            raise RuntimeError(
-                f"PagedCache out of blocks: the prompts need {need} blocks of {self.block_size} tokens, "
-                f"{free} of {self.block_manager.num_blocks} are free"
-            )
-        for prompt, pad in zip(prompts, pads):
-            seq_id = self.next_seq_id
-            self.next_seq_id += 1
-            cached = self.block_manager.allocate(seq_id, prompt) if prompt else 0
-            self.rows.append(_Row(seq_id=seq_id, pad=pad, tokens=list(prompt), written=int(cached)))
-
-    def begin_step(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        *,
-        device: torch.device,
-    ) -> AttentionMetadata:
-        """Book the step's tokens and return its metadata; commit_step() after a successful forward.
-
-        input_ids: int [B, S], the next S columns; attention_mask: [B, columns + S] or None.
-        """
-        if input_ids is None:
-            raise ValueError(
-                "PagedCache needs input_ids: the block manager hashes token ids for prefix caching "
-                "(inputs_embeds alone are not supported)"
-            )
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got {_shape(input_ids)}")
-        bsz, seq = input_ids.shape
-        if attention_mask is not None and not (
-            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
-        ):
-            raise ValueError(
-                "PagedCache supports a 2D attention_mask [batch, past + new] of 0/1 only, got "
-                f"{_shape(attention_mask)}"
-            )
-        c0 = self.columns
-        if attention_mask is not None and tuple(attention_mask.shape) != (bsz, c0 + seq):
-            raise ValueError(
-                f"attention_mask must cover the cached and new columns: expected shape "
-                f"{(bsz, c0 + seq)}, got {tuple(attention_mask.shape)}"
-            )
-        if not self.rows:
-            self._admit(input_ids, attention_mask)
-        rows = self.rows
-        if len(rows) != bsz:
-            raise ValueError(
-                f"input_ids has batch {bsz} but the cache holds {len(rows)} sequences; reset() first"
-            )
-        if attention_mask is not None:
-            pads = torch.tensor([r.pad for r in rows], device=attention_mask.device)
-            cols = torch.arange(c0, c0 + seq, device=attention_mask.device)
-            if not torch.equal(attention_mask[:, c0:].bool(), cols[None, :] >= pads[:, None]):
-                raise ValueError(
-                    "attention_mask must be left padding only (each row 0...0 1...1), consistent "
-                    "with the earlier steps of the batch"
-                )
-
-        # Plan every row before touching the BlockManager.
-        plans = []  # (row, first token position, end position, tokens new to the BlockManager)
-        need = 0
-        for row, row_ids in zip(rows, input_ids.tolist()):
-            start, end = max(c0 - row.pad, 0), max(c0 + seq - row.pad, 0)
-            step_tokens = row_ids[max(c0, row.pad) - c0 :]
-            known = len(row.tokens)
-            overlap = max(min(end, known) - start, 0)
-            if step_tokens[:overlap] != row.tokens[start : start + overlap]:
-                raise ValueError(
-                    "input_ids do not match the tokens this PagedCache holds for the batch"
-                )
-            new_tokens = step_tokens[overlap:]
-            need += blocks_needed(known + len(new_tokens), self.block_size) - blocks_needed(
-                known, self.block_size
-            )
-            plans.append((row, start, end, new_tokens))
-        free = self.block_manager.num_free_blocks
-        if need > free:
-            raise RuntimeError(
-                f"PagedCache out of blocks: this step needs {need} new blocks, {free} of "
-                f"{self.block_manager.num_blocks} are free"
-            )
-
-        slots: list[torch.Tensor] = []
-        if all(len(new) == 1 and end - start == 1 for _, start, end, new in plans):  # decode
-            slots.append(
-                self.block_manager.append_slots(self.seq_ids, [new[0] for *_, new in plans])
-            )
-        else:
-            for row, start, end, new_tokens in plans:
-                known = len(row.tokens)
-                lo = max(start, row.written)
-                if start < lo:
-                    slots.append(torch.full((min(lo, end) - start,), -1, dtype=torch.int64))
-                if lo < min(end, known):
-                    slots.append(self.block_manager.slot_mapping(row.seq_id, lo, min(end, known)))
-                if new_tokens:
-                    appended = [self.block_manager.append_slot(row.seq_id, t) for t in new_tokens]
-                    slots.append(torch.tensor(appended, dtype=torch.int64))
-        for row, *_, new_tokens in plans:
-            row.tokens.extend(new_tokens)
-        slot_mapping = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
-
-        query_lens = [end - start for _, start, end, _ in plans]
-        kv_lens = [end for _, _, end, _ in plans]
-        token_index = None
-        if sum(query_lens) != bsz * seq:  # padding: the valid columns are each row's last q_len
-            index = [i * seq + seq - n + j for i, n in enumerate(query_lens) for j in range(n)]
-            token_index = torch.tensor(index, dtype=torch.int64)
-        self._pending = (kv_lens, c0 + seq)
-        return AttentionMetadata.build(
-            query_lens=query_lens,
-            kv_lens=kv_lens,
-            block_tables=self.block_manager.block_tables(self.seq_ids),
-            slot_mapping=slot_mapping,
-            device=device,
-            token_index=token_index,
-            num_rows=bsz * seq,
-        )
-
-    def commit_step(self) -> None:
-        """The step's K/V is written: tell the BlockManager (prefix-cache matching) and advance."""
-        if self._pending is None:
-            raise RuntimeError("commit_step() without begin_step()")
-        (kv_lens, columns), self._pending = self._pending, None
-        self.block_manager.mark_computed(self.seq_ids, kv_lens)
-        for row, n in zip(self.rows, kv_lens):
-            row.written = max(row.written, n)
-        self.columns = columns
-
-    def free(self) -> None:
-        """Release every row's sequence; computed full blocks stay in the prefix cache."""
-        for row in self.rows:
-            self.block_manager.free(row.seq_id)
-        self.rows, self.columns, self._pending = [], 0, None
-
-
-def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
-    """Leading padding count of each row of attention_mask [batch, length]; raises unless every
-    row is 0...0 1...1. None means no padding."""
-    if attention_mask is None:
-        return [0] * batch
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (
-        batch,
-        length,
-    ):
-        raise ValueError(
-            f"attention_mask must be [batch={batch}, {length}] of 0/1, got {_shape(attention_mask)}"
-        )
-    mask = attention_mask.bool()
-    pads = (~mask).sum(dim=1)
-    if not torch.equal(mask, torch.arange(length, device=mask.device)[None, :] >= pads[:, None]):
-        raise ValueError("attention_mask must be left padding only (each row 0...0 1...1)")
-    return pads.tolist()
-
-
-def _shape(x: object) -> object:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

@@ -2,9 +2,10 @@
 and the pool's default size.
 
 Design decision: the step's tokens (prefill chunks and decode rows together) go in as input_ids
-[1, T] with explicit position_ids, the attention metadata is built once per step and handed to the
-"kv_paged" attention through the paged cache in engine mode, and logits are computed only for the
-rows that sample (logits_to_keep as an index tensor), so lm_head never sees prefill rows.
+[1, T] with explicit position_ids and no transformers cache (use_cache=False); the attention
+metadata is built once per step and handed to the "kv_paged" attention through
+kv_paged.forward_context; logits are computed only for the rows that sample (logits_to_keep as an
+index tensor), so lm_head never sees prefill rows.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from kv_paged.cache import AttentionMetadata, KVCachePool
+from kv_paged.forward_context import forward_context
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30  # at most 1 GiB of KV pool on CPU unless kv_memory says otherwise
 CPU_FREE_MEMORY_FRACTION = 0.25  # ... and at most this much of the host's available memory
@@ -85,7 +87,6 @@ class ModelRunner:
             dtype=spec["dtype"],
             device=self.device,
         )
-        self.cache = hf.PagedCache.for_engine(model, self.pool)
         hf.use_kv_paged_attention(model)
 
     @torch.inference_mode()
@@ -125,15 +126,8 @@ class ModelRunner:
         )
         input_ids = torch.tensor([ids], dtype=torch.int64, device=self.device)  # [1, T]
         position_ids = torch.tensor([pos], dtype=torch.int64, device=self.device)  # [1, T]
-        self.cache.set_step(meta)
-        try:
+        with forward_context(meta, self.pool, owner=self):
             out = self.model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=last,
+                input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=last
             )
-        finally:
-            self.cache.set_step(None)
         return out.logits[0]  # [len(sampling_rows), vocab]

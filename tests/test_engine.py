@@ -522,7 +522,7 @@ def test_dropping_the_engine_frees_the_pool_at_once(model):
         cache = hf.PagedCache.for_model(model, num_blocks=16, block_size=BLOCK_SIZE)
         ids = torch.tensor([prompts(28, [9])[0]])
         with torch.no_grad():
-            model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+            model.generate(ids, **{hf.CACHE_KWARG: cache}, max_new_tokens=3, do_sample=False)
         pool = weakref.ref(cache.pool)
         del cache
         assert pool() is None, "a PagedCache's pool outlived the cache"

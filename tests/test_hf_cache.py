@@ -14,10 +14,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_hf_models import ATOL, _ids, _left_pad, assert_greedy_equal
+from test_hf_models import ATOL, _ids, _left_pad, assert_greedy_equal, cache_kw
 
 import kv_paged
 from kv_paged.cache import AttentionMetadata, KVCachePool
+from kv_paged.forward_context import forward_context
 from kv_paged.integrations import hf
 
 BLOCK_SIZE = 4
@@ -44,14 +45,10 @@ def test_batched_generate_equals_single(arch: str) -> None:
     ids, mask = _left_pad(prompts)
     new = 12
     cache = hf.PagedCache.for_model(model, num_blocks=64, block_size=BLOCK_SIZE)
-    batched = model.generate(
-        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, **GEN
-    )
+    batched = model.generate(ids, attention_mask=mask, **cache_kw(cache), max_new_tokens=new, **GEN)
     for i, prompt in enumerate(prompts):
         single_cache = hf.PagedCache.for_model(model, num_blocks=64, block_size=BLOCK_SIZE)
-        alone = model.generate(
-            prompt[None], past_key_values=single_cache, max_new_tokens=new, **GEN
-        )
+        alone = model.generate(prompt[None], **cache_kw(single_cache), max_new_tokens=new, **GEN)
         pad = ids.shape[1] - prompt.numel()
         assert_greedy_equal(_Row(batched, i, pad), _Row(alone, 0, 0), prompt.numel())
     # transformers' own cache (DynamicCache; sliding layers trimmed on Gemma-2) with kv_paged attention.
@@ -81,7 +78,7 @@ def test_prefix_cached_generate_equals_uncached() -> None:
     ids, mask = _left_pad(second)  # lengths 25 and 21: the second row has 4 pads
 
     cache = hf.PagedCache.for_model(model, num_blocks=64, block_size=BLOCK_SIZE)
-    model.generate(first, past_key_values=cache, max_new_tokens=new, **GEN)
+    model.generate(first, **cache_kw(cache), max_new_tokens=new, **GEN)
     cache.reset()
     assert cache.block_manager.stats()["blocks_in_use"] == 0
     hits_before = cache.block_manager.stats()["prefix_hit_tokens"]
@@ -96,9 +93,7 @@ def test_prefix_cached_generate_equals_uncached() -> None:
         == 2 * shared_blocks * BLOCK_SIZE
     )
     widths = _count_forward_tokens(model)
-    ours = model.generate(
-        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, **GEN
-    )
+    ours = model.generate(ids, attention_mask=mask, **cache_kw(cache), max_new_tokens=new, **GEN)
     assert widths[0] == ids.shape[1] - skip, "the cached prefix must not be recomputed"
 
     ref = eager.generate(ids, attention_mask=mask, max_new_tokens=new, **GEN)
@@ -116,10 +111,10 @@ def test_add_prompts_then_resubmit_exact_prompt() -> None:
     model = hf.tiny_model("llama")
     prompt = _ids(1, 16, seed=3)
     cache = hf.PagedCache.for_model(model, num_blocks=32, block_size=BLOCK_SIZE)
-    a = model.generate(prompt, past_key_values=cache, max_new_tokens=4, **GEN)
+    a = model.generate(prompt, **cache_kw(cache), max_new_tokens=4, **GEN)
     cache.reset()
     assert cache.add_prompts(prompt) == 12
-    b = model.generate(prompt, past_key_values=cache, max_new_tokens=4, **GEN)
+    b = model.generate(prompt, **cache_kw(cache), max_new_tokens=4, **GEN)
     assert torch.equal(a.sequences, b.sequences)
 
 
@@ -134,7 +129,7 @@ def test_hand_written_loop_matches_eager() -> None:
         for width in (7, 6, 1, 1, 3, 1, 1):  # chunked prefill, then decode-sized and odd steps
             step = tokens[:, start : start + width]
             pos = torch.arange(start, start + width)[None].expand(2, -1)
-            got.append(model(input_ids=step, position_ids=pos, past_key_values=cache).logits)
+            got.append(model(input_ids=step, position_ids=pos, **cache_kw(cache)).logits)
             start += width
             assert cache.get_seq_length() == start
     out = torch.cat(got, dim=1)
@@ -150,7 +145,7 @@ def test_sampling_with_seed() -> None:
     for _ in range(2):
         cache = hf.PagedCache.for_model(model, num_blocks=32, block_size=BLOCK_SIZE)
         torch.manual_seed(123)
-        outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, **kw))
+        outs.append(model.generate(ids, attention_mask=mask, **cache_kw(cache), **kw))
     torch.manual_seed(123)
     ref = eager.generate(ids, attention_mask=mask, **kw)
     assert torch.equal(outs[0], outs[1])
@@ -158,11 +153,11 @@ def test_sampling_with_seed() -> None:
 
 
 def test_engine_metadata_packed_forward() -> None:
-    """An engine packs a prefill chunk and a decode row into input_ids [1, T] and sets metadata."""
+    """An engine packs a prefill chunk and a decode row into input_ids [1, T] and runs the forward
+    inside forward_context(meta, pool), with no transformers cache."""
     model = hf.tiny_model("gemma2")
     eager = hf.tiny_model("gemma2", attn_implementation="eager")
     pool = KVCachePool(**_pool_kwargs(model, num_blocks=32))
-    cache = hf.PagedCache.for_engine(model, pool)
     bm = kv_paged.BlockManager(32, BLOCK_SIZE)
     a, b = _ids(1, 14, seed=8)[0], _ids(1, 9, seed=9)[0]
     with torch.no_grad():
@@ -178,8 +173,8 @@ def test_engine_metadata_packed_forward() -> None:
         )
         packed = torch.cat([a[:6], b[:8]])[None]
         pos = torch.cat([torch.arange(6), torch.arange(8)])[None]
-        cache.set_step(meta)
-        out1 = model(input_ids=packed, position_ids=pos, past_key_values=cache).logits[0]
+        with forward_context(meta, pool, owner="test"):
+            out1 = model(input_ids=packed, position_ids=pos, use_cache=False).logits[0]
         bm.mark_computed([0, 1], [6, 8])
         # Step 2: the rest of a's prompt (8 tokens) and one decode token for b.
         slot_b = bm.append_slot(1, int(b[8]))
@@ -189,10 +184,10 @@ def test_engine_metadata_packed_forward() -> None:
             block_tables=bm.block_tables([0, 1]),
             slot_mapping=torch.cat([bm.slot_mapping(0, 6, 14), torch.tensor([slot_b])]),
         )
-        cache.set_step(meta)
         packed = torch.cat([a[6:], b[8:]])[None]
         pos = torch.cat([torch.arange(6, 14), torch.tensor([8])])[None]
-        out2 = model(input_ids=packed, position_ids=pos, past_key_values=cache).logits[0]
+        with forward_context(meta, pool, owner="test"):
+            out2 = model(input_ids=packed, position_ids=pos, use_cache=False).logits[0]
     assert (out1[:6] - ref_a[:6]).abs().max() <= ATOL
     assert (out1[6:] - ref_b[:8]).abs().max() <= ATOL
     assert (out2[:8] - ref_a[6:]).abs().max() <= ATOL
@@ -246,30 +241,30 @@ def test_errors_leave_cache_unchanged() -> None:
     cache = hf.PagedCache.for_model(model, num_blocks=4, block_size=BLOCK_SIZE)
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="out of blocks"):
-            model(_ids(2, 9, seed=1), past_key_values=cache)  # needs 6 blocks
+            model(_ids(2, 9, seed=1), **cache_kw(cache))  # needs 6 blocks
         assert cache.block_manager.stats()["blocks_in_use"] == 0 and cache.get_seq_length() == 0
         with pytest.raises(ValueError, match="left padding"):
             model(
                 _ids(1, 4, seed=1),
                 attention_mask=torch.tensor([[1, 0, 1, 1]]),
-                past_key_values=cache,
+                **cache_kw(cache),
             )
         with pytest.raises(ValueError, match="inputs_embeds|input_ids"):
-            model(inputs_embeds=torch.zeros(1, 3, 64), past_key_values=cache)
-        model(_ids(1, 6, seed=1), past_key_values=cache)
+            model(inputs_embeds=torch.zeros(1, 3, 64), **cache_kw(cache))
+        model(_ids(1, 6, seed=1), **cache_kw(cache))
         used = cache.block_manager.stats()["blocks_in_use"]
         with pytest.raises(ValueError, match="attention_mask"):
             model(
                 _ids(1, 1, seed=2),
                 attention_mask=torch.ones(1, 3, dtype=torch.long),
-                past_key_values=cache,
+                **cache_kw(cache),
             )
         with pytest.raises(ValueError, match="batch"):
-            model(_ids(2, 1, seed=2), past_key_values=cache)
+            model(_ids(2, 1, seed=2), **cache_kw(cache))
         with pytest.raises(RuntimeError, match="out of blocks"):
-            model(_ids(1, 20, seed=2), past_key_values=cache)
+            model(_ids(1, 20, seed=2), **cache_kw(cache))
         assert cache.block_manager.stats()["blocks_in_use"] == used and cache.get_seq_length() == 6
-        model(_ids(1, 1, seed=2), past_key_values=cache)  # still usable
+        model(_ids(1, 1, seed=2), **cache_kw(cache))  # still usable
         assert cache.get_seq_length() == 7
         with pytest.raises(RuntimeError, match="reset"):
             cache.add_prompts(_ids(1, 3, seed=1))
@@ -277,7 +272,7 @@ def test_errors_leave_cache_unchanged() -> None:
     with pytest.raises(ValueError, match="attn_implementation"):
         eager(
             _ids(1, 3, seed=1),
-            past_key_values=hf.PagedCache.for_model(eager, num_blocks=4, block_size=4),
+            **cache_kw(hf.PagedCache.for_model(eager, num_blocks=4, block_size=4)),
         )
     with pytest.raises(ValueError, match="arch"):
         hf.tiny_model("gpt-17")
@@ -367,22 +362,20 @@ def test_generate_continues_a_conversation() -> None:
     ids, mask = _left_pad([_ids(1, n, seed=20 + n)[0] for n in (7, 4)])
     cache = hf.PagedCache.for_model(model, num_blocks=64, block_size=BLOCK_SIZE)
     first = model.generate(
-        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False
+        ids, attention_mask=mask, **cache_kw(cache), max_new_tokens=5, do_sample=False
     )
     turn = _ids(2, 3, seed=30)
     ids2 = torch.cat([first, turn], dim=1)
     mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=torch.long)], dim=1)
     assert cache.get_seq_length() == first.shape[1] - 1  # the last sampled token was never fed back
     widths = _count_forward_tokens(model)
-    ours = model.generate(
-        ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=6, **GEN
-    )
+    ours = model.generate(ids2, attention_mask=mask2, **cache_kw(cache), max_new_tokens=6, **GEN)
     assert widths[0] == turn.shape[1] + 1
     ref = eager.generate(ids2, attention_mask=mask2, max_new_tokens=6, **GEN)
     assert_greedy_equal(ours, ref, ids2.shape[1])
     # An input shorter than what the cache holds is not a continuation: refused, cache unchanged.
     with pytest.raises(ValueError, match="attention_mask must cover"):
-        model.generate(ids2, attention_mask=mask2, past_key_values=cache, max_new_tokens=1)
+        model.generate(ids2, attention_mask=mask2, **cache_kw(cache), max_new_tokens=1)
     assert cache.get_seq_length() == ours.sequences.shape[1] - 1
 
 
@@ -391,7 +384,7 @@ def test_recomputed_cached_tokens_must_match() -> None:
     a = _ids(1, 12, seed=40)
     cache = hf.PagedCache.for_model(model, num_blocks=32, block_size=BLOCK_SIZE)
     with torch.no_grad():
-        model(a, past_key_values=cache)
+        model(a, **cache_kw(cache))
         cache.reset()
         ids, mask = _left_pad(
             [torch.cat([a[0, :8], _ids(1, 3, seed=41)[0]]), _ids(1, 4, seed=42)[0]]
@@ -401,9 +394,9 @@ def test_recomputed_cached_tokens_must_match() -> None:
         bad = ids.clone()
         bad[0, 7] = (bad[0, 7] + 1) % 128
         with pytest.raises(ValueError, match="do not match"):
-            model(bad[:, skip:], attention_mask=mask, past_key_values=cache)
+            model(bad[:, skip:], attention_mask=mask, **cache_kw(cache))
         assert cache.get_seq_length() == skip
-        model(ids[:, skip:], attention_mask=mask, past_key_values=cache)
+        model(ids[:, skip:], attention_mask=mask, **cache_kw(cache))
         assert cache.get_seq_length() == ids.shape[1]
 
 
@@ -442,8 +435,8 @@ def test_metadata_built_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> Non
         classmethod(lambda cls, **kw: calls.append(1) or build(cls, **kw)),
     )
     with torch.no_grad():
-        model(_ids(2, 5, seed=1), past_key_values=cache)
-        model(_ids(2, 1, seed=2), past_key_values=cache)
+        model(_ids(2, 5, seed=1), **cache_kw(cache))
+        model(_ids(2, 1, seed=2), **cache_kw(cache))
     assert len(calls) == 2
 
 

@@ -23,6 +23,12 @@ BLOCK_SIZE = 4
 NEW_TOKENS = 32
 
 
+def cache_kw(cache) -> dict:
+    """The cache as forward / generate take it on the installed transformers (`cache=` from 5.24,
+    `past_key_values=` before: a deprecated alias there)."""
+    return {hf.CACHE_KWARG: cache}
+
+
 def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(2, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -74,11 +80,11 @@ def test_logits_match_eager(arch: str) -> None:
         assert (dense - ref)[valid].abs().max() <= ATOL
         # PagedCache path, step by step.
         cache = hf.PagedCache.for_model(model, num_blocks=64, block_size=BLOCK_SIZE)
-        got = [model(ids, attention_mask=mask, past_key_values=cache).logits]
+        got = [model(ids, attention_mask=mask, **cache_kw(cache)).logits]
         col = ids.shape[1]
         for step in steps:
             col += step.shape[1]
-            got.append(model(step, attention_mask=full_mask[:, :col], past_key_values=cache).logits)
+            got.append(model(step, attention_mask=full_mask[:, :col], **cache_kw(cache)).logits)
     paged = torch.cat(got, dim=1)
     err = (paged - ref)[valid].abs().max()
     assert err <= ATOL, f"{arch}: max |kv_paged - eager| = {err:.3g}"
@@ -102,7 +108,7 @@ def test_greedy_matches_eager(arch: str) -> None:
     }
     ref = eager.generate(ids, **kw)
     cache = hf.PagedCache.for_model(model, num_blocks=32, block_size=BLOCK_SIZE)
-    ours = model.generate(ids, past_key_values=cache, **kw)
+    ours = model.generate(ids, **cache_kw(cache), **kw)
     assert ours.sequences.shape == (1, 9 + NEW_TOKENS)
     assert_greedy_equal(ours, ref, 9)
     # The last generated token is never fed back: the cache holds prompt + NEW_TOKENS - 1 tokens.
@@ -135,8 +141,8 @@ def test_logits_bf16_cuda(arch: str) -> None:
         ref = ref_model(full_ids, attention_mask=full_mask).logits
         base = eager(full_ids, attention_mask=full_mask).logits.float()
         cache = hf.PagedCache.for_model(model, num_blocks=64, block_size=16)
-        first = model(ids.cuda(), attention_mask=mask.cuda(), past_key_values=cache).logits
-        last = model(step.cuda(), attention_mask=full_mask, past_key_values=cache).logits
+        first = model(ids.cuda(), attention_mask=mask.cuda(), **cache_kw(cache)).logits
+        last = model(step.cuda(), attention_mask=full_mask, **cache_kw(cache)).logits
     paged = torch.cat([first, last], 1).float()
     err_eager = (base - ref)[valid].abs().max().item()
     err_ours = (paged - ref)[valid].abs().max().item()
@@ -159,7 +165,7 @@ def test_greedy_bf16_cuda(arch: str) -> None:
     }
     ref = eager.generate(ids, **kw)
     cache = hf.PagedCache.for_model(model, num_blocks=32, block_size=16)
-    ours = model.generate(ids, past_key_values=cache, **kw)
+    ours = model.generate(ids, **cache_kw(cache), **kw)
     a, b = ours.sequences[:, 9:], ref.sequences[:, 9:]
     for row in range(2):
         diff = (a[row] != b[row]).nonzero()

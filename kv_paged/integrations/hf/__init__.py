@@ -1,11 +1,12 @@
 """HuggingFace transformers integration: "kv_paged" attention, a paged `Cache`, tiny test models.
 
 The only package that imports transformers; importing it checks the version and registers
-"kv_paged" with transformers. Design: `PagedCache.for_model(model)` hooks the model's forward; the
-hook sees input_ids + attention_mask, books blocks in the BlockManager and builds ONE
-AttentionMetadata per forward; each layer's `update()` writes K/V into its pool and the attention
-function reads them back through kv_paged.ops. Without a PagedCache, "kv_paged" still works on
-transformers' own caches (varlen flash attention on the unpadded dense K/V).
+"kv_paged" with transformers. Design: `PagedCache.for_model(model)` wraps the model's forward; the
+wrapper sees input_ids + attention_mask, books blocks in the BlockManager, builds ONE
+AttentionMetadata per forward and runs the forward inside kv_paged.forward_context, where the
+attention function writes and reads the pool. Without a PagedCache (or the Engine), "kv_paged" still
+works on transformers' own caches (varlen flash attention on the unpadded dense K/V).
+Its modules import each other and kv_paged's framework-free modules, never this __init__.
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
         "kv_paged.integrations.hf needs transformers>=5.17 (`pip install kv_paged[hf]`)"
     ) from e
 
-# Defined before the submodules are imported: they import these names from this package.
-ATTN_NAME = "kv_paged"
-PAGED_ATTN_NAME = "paged|kv_paged"
-MIN_TRANSFORMERS = (5, 17)
+from kv_paged.integrations.hf.names import ATTN_NAME, MIN_TRANSFORMERS, PAGED_ATTN_NAME
 
 
 def _check_transformers() -> None:
@@ -56,21 +54,17 @@ _check_transformers()
 # The submodules subclass and call into transformers: import them only once the check passed.
 from kv_paged.integrations.hf.attention import (  # noqa: E402
     DenseVarlen,
-    _no_mask,
     kv_paged_attention,
     kv_paged_mask,
+    no_mask,
 )
-from kv_paged.integrations.hf.cache import (  # noqa: E402
-    PagedCache,
-    PagedLayer,
-    attach,
-    kv_cache_spec,
-    use_kv_paged_attention,
-)
+from kv_paged.integrations.hf.cache import CACHE_KWARG, PagedCache, PagedLayer, attach  # noqa: E402
 from kv_paged.integrations.hf.models import TINY_ARCHS, tiny_model  # noqa: E402
+from kv_paged.integrations.hf.spec import kv_cache_spec, use_kv_paged_attention  # noqa: E402
 
 __all__ = [
     "ATTN_NAME",
+    "CACHE_KWARG",
     "PAGED_ATTN_NAME",
     "DenseVarlen",
     "PagedCache",
@@ -98,7 +92,7 @@ def register() -> None:
     masking_utils.AttentionMaskInterface.register(ATTN_NAME, kv_paged_mask)
     if _HAS_CB_PAGED_NAMES:
         modeling_utils.AttentionInterface.register(PAGED_ATTN_NAME, kv_paged_attention)
-        masking_utils.AttentionMaskInterface.register(PAGED_ATTN_NAME, _no_mask)
+        masking_utils.AttentionMaskInterface.register(PAGED_ATTN_NAME, no_mask)
 
 
 register()

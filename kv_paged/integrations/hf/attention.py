@@ -1,7 +1,8 @@
 """The "kv_paged" attention and mask functions registered with transformers.
 
-Design: with a PagedCache in a hooked forward, attention reads the pool through the forward's
-AttentionMetadata and the mask function returns None; without one, the mask function unpads the
+Design: inside a kv_paged forward (kv_paged.forward_context: the Engine's runner or a PagedCache),
+attention writes the layer's new K/V into the pool and reads it back through the step's
+AttentionMetadata, and the mask function returns None; outside one, the mask function unpads the
 dense [B, S] layout once per forward (DenseVarlen) and attention runs varlen flash attention on it.
 "paged|kv_paged" serves transformers' own continuous batching through the same function.
 """
@@ -14,9 +15,10 @@ from typing import Any
 import torch
 from transformers import masking_utils
 
-import kv_paged
-from kv_paged.integrations.hf import ATTN_NAME, PAGED_ATTN_NAME
-from kv_paged.integrations.hf.cache import PagedCache, _active_cache
+from kv_paged import ops
+from kv_paged.cache import AttentionParams
+from kv_paged.forward_context import ForwardContext, get_forward_context
+from kv_paged.integrations.hf.names import ATTN_NAME, PAGED_ATTN_NAME
 
 
 @dataclasses.dataclass
@@ -67,7 +69,7 @@ def kv_paged_mask(
 
     attention_mask: bool [B, >= kv_length] (left padding only) or None.
     """
-    if _active_cache() is not None:
+    if get_forward_context() is not None:
         return None
     if kwargs.get("use_vmap") or not _is_causal_or_sliding(mask_function):
         raise NotImplementedError(
@@ -114,12 +116,21 @@ def kv_paged_mask(
     )
 
 
-def _window_and_cap(module: torch.nn.Module, kwargs: dict) -> tuple[int | None, float | None]:
-    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    softcap = kwargs.get("softcap", None)
-    window = int(window) if window is not None and window > 0 else None
-    softcap = float(softcap) if softcap is not None and softcap > 0 else None
-    return window, softcap
+def _attention_params(
+    module: torch.nn.Module, scaling: float | None, kwargs: dict
+) -> AttentionParams:
+    """The layer's parameters, normalised here once: transformers passes the window and softcap
+    per call (or sets module.sliding_window), as None, 0 or a positive number."""
+    return AttentionParams.of(
+        scale=scaling,
+        sliding_window=kwargs.get("sliding_window", getattr(module, "sliding_window", None)),
+        softcap=kwargs.get("softcap", None),
+    )
+
+
+def _is_continuous_batching_cache(cache: Any) -> bool:
+    """transformers' own continuous-batching cache (passed to attention as kwargs["cache"])."""
+    return cache is not None and type(cache).__name__ == "PagedAttentionCache"
 
 
 def kv_paged_attention(
@@ -146,29 +157,16 @@ def kv_paged_attention(
         raise NotImplementedError(
             "kv_paged attention cannot return attention weights (output_attentions)"
         )
-    if kwargs.get("cache") is not None and not isinstance(kwargs.get("cache"), PagedCache):
+    if _is_continuous_batching_cache(kwargs.get("cache")):
         return _continuous_batching_attention(module, query, key, value, scaling, kwargs)
-    window, softcap = _window_and_cap(module, kwargs)
+    params = _attention_params(module, scaling, kwargs)
     bsz, heads, seq, dim = query.shape
     q = query.transpose(1, 2).reshape(bsz * seq, heads, dim)
-    cache = _active_cache()
-    if cache is not None and cache._meta is not None:
-        meta = cache._meta
-        layer_idx = module.layer_idx
-        new_kv = (
-            cache._new_kv if cache._new_kv is not None and cache._new_kv[0] == layer_idx else None
-        )
-        out = cache.pool.attend(
-            layer_idx,
-            meta.pack(q),
-            meta,
-            key=None if new_kv is None else new_kv[1],
-            value=None if new_kv is None else new_kv[2],
-            scale=scaling,
-            sliding_window=window,
-            softcap=softcap,
-        )
-        return meta.unpack(out).view(bsz, seq, heads, -1), None
+    context = get_forward_context()
+    if context is not None:
+        return _paged_attention(context, module.layer_idx, q, key, value, params).view(
+            bsz, seq, heads, -1
+        ), None
 
     if getattr(module.config, "_attn_implementation", None) == PAGED_ATTN_NAME:
         raise ValueError(
@@ -190,7 +188,7 @@ def kv_paged_attention(
     if varlen.q_index is not None:
         q = q.index_select(0, varlen.q_index)
         k, v = k.index_select(0, varlen.k_index), v.index_select(0, varlen.k_index)
-    out = kv_paged.ops.flash_attention(
+    out = ops.flash_attention(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
@@ -198,14 +196,36 @@ def kv_paged_attention(
         varlen.cu_seqlens_k,
         varlen.max_seqlen_q,
         varlen.max_seqlen_k,
-        scale=scaling,
+        scale=params.scale,
         causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
-        sliding_window=window,
-        softcap=softcap,
+        sliding_window=params.sliding_window,
+        softcap=params.softcap,
     )
     if varlen.q_index is not None:
         out = out.new_zeros((bsz * seq, *out.shape[1:])).index_copy_(0, varlen.q_index, out)
     return out.view(bsz, seq, heads, -1), None
+
+
+def _paged_attention(
+    context: ForwardContext,
+    layer_idx: int,
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    params: AttentionParams,
+) -> torch.Tensor:
+    """The step's new K/V into the pool, then attention over each sequence's blocks.
+
+    q: [num_rows, num_heads, head_dim] in the model's flattened input layout; key/value:
+    [B, num_kv_heads, S, head_dim], this step's only. Returns [num_rows, num_heads, head_dim].
+    """
+    meta, pool = context.meta, context.pool
+    bsz, kv_heads, seq, dim = key.shape
+    k = meta.pack(key.transpose(1, 2).reshape(bsz * seq, kv_heads, dim))
+    v = meta.pack(value.transpose(1, 2).reshape(bsz * seq, kv_heads, value.shape[-1]))
+    pool.write(layer_idx, k, v, meta)
+    out = pool.attend(layer_idx, meta.pack(q), meta, params, key=k, value=v)
+    return meta.unpack(out)
 
 
 def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
@@ -216,11 +236,11 @@ def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
     Returns ([1, T, num_heads, head_dim], None).
     """
     cache = kwargs["cache"]
-    window, softcap = _window_and_cap(module, kwargs)
+    params = _attention_params(module, scaling, kwargs)
     cu_k = kwargs["cu_seq_lens_k"]
     max_k = kwargs.get("max_seqlen_k", kwargs.get("max_length_k"))
     if isinstance(cu_k, dict):
-        layer_type = "sliding_attention" if window is not None else "full_attention"
+        layer_type = "sliding_attention" if params.sliding_window is not None else "full_attention"
         cu_k, max_k = cu_k[layer_type], max_k[layer_type]
     cu_q = kwargs["cu_seq_lens_q"]
     max_q = kwargs.get("max_seqlen_q", kwargs.get("max_length_q"))
@@ -232,7 +252,7 @@ def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
         write_index=kwargs["write_index"],
     )
     q = query.transpose(1, 2).squeeze(0)
-    out = kv_paged.ops.flash_attention(
+    out = ops.flash_attention(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
@@ -240,13 +260,13 @@ def _continuous_batching_attention(module, query, key, value, scaling, kwargs):
         cu_k.to(torch.int32),
         int(max_q),
         int(max_k),
-        scale=scaling,
+        scale=params.scale,
         causal=True,
-        sliding_window=window,
-        softcap=softcap,
+        sliding_window=params.sliding_window,
+        softcap=params.softcap,
     )
     return out.unsqueeze(0), None
 
 
-def _no_mask(*args, **kwargs) -> None:
+def no_mask(*args, **kwargs) -> None:
     """Mask function of "paged|kv_paged": continuous batching passes cu_seq_lens, no mask is read."""

@@ -1,36 +1,40 @@
-"""PagedCache: a transformers `Cache` whose K/V live in kv_paged block pools, and the forward hooks
-that drive it.
+"""PagedCache: a transformers `Cache` whose K/V live in kv_paged block pools, managed by a
+BlockManager, and the forward wrapper that drives it.
 
-Design: the hooks on the model's forward book blocks and build ONE AttentionMetadata per forward;
-the running cache is kept in a thread-local so that the attention functions (which transformers calls
-without the cache) find it. Each layer's `update()` only writes K/V into the pool.
+Design decision: `attach(model)` wraps the model's forward (as accelerate's hooks do) instead of
+using torch forward hooks, because torch skips `always_call` hooks on KeyboardInterrupt. The wrapper
+turns the forward's padded input_ids into ONE AttentionMetadata (PaddedBatch) and runs the forward
+inside `forward_context(...)`, which the "kv_paged" attention reads; layers' `update()` do nothing
+but check that they run inside it (the attention writes the pool). Beam search reorders rows by
+forking and freeing BlockManager sequences: beams share blocks, never copies of them.
 """
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import functools
+import inspect
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation import utils as generation_utils
 
-import kv_paged
-from kv_paged.cache import AttentionMetadata, KVCachePool, PaddedBatch
-from kv_paged.integrations.hf import ATTN_NAME, PAGED_ATTN_NAME
+from kv_paged.block_manager import BlockManager
+from kv_paged.cache import KVCachePool
+from kv_paged.forward_context import forward_context, get_forward_context
+from kv_paged.integrations.hf.names import ATTN_NAME, PAGED_ATTN_NAME
+from kv_paged.integrations.hf.padded_batch import PaddedBatch
+from kv_paged.integrations.hf.spec import kv_cache_spec
 
-# The PagedCache whose forward is running on this thread (None outside a hooked forward).
-_state = threading.local()
+__all__ = ["CACHE_KWARG", "PagedCache", "PagedLayer", "attach"]
 
-
-def _active_cache() -> PagedCache | None:
-    return getattr(_state, "cache", None)
-
-
-# ---------------------------------------------------------------------------------------------
-# PagedCache
-# ---------------------------------------------------------------------------------------------
+# The keyword forward and generate take the cache under: `cache` since transformers 5.24,
+# `past_key_values` before (a deprecated alias there until 5.40 for forward, 6.0 for generate).
+CACHE_KWARGS = ("cache", "past_key_values")
+CACHE_KWARG = "cache" if "cache" in generation_utils.ALL_CACHE_NAMES else "past_key_values"
 
 
 class PagedLayer(CacheLayerMixin):
@@ -40,27 +44,35 @@ class PagedLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, cache: PagedCache, layer_idx: int, sliding_window: int | None) -> None:
+    def __init__(self, cache: PagedCache, layer_idx: int, is_sliding: bool) -> None:
         super().__init__()
         # A proxy, not a reference: the cache owns its layers, and a cycle would keep the pool (GBs
-        # on a GPU) alive after the user drops the cache or the Engine, until the next gc pass.
-        self._cache = weakref.proxy(cache)
+        # on a GPU) alive after the user drops the cache, until the next gc pass.
+        self._cache = weakref.ref(cache)
         self.layer_idx = layer_idx
-        self.sliding_window = sliding_window
-        self.is_sliding = sliding_window is not None
+        self.is_sliding = is_sliding
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return self._cache._write(self.layer_idx, key_states, value_states)
+        """Returns this step's K/V unchanged: the "kv_paged" attention writes them to the pool."""
+        context = get_forward_context()
+        if context is None or context.owner is not self._cache():
+            raise RuntimeError(
+                "PagedCache.update() ran outside a forward wrapped by kv_paged: build the cache with "
+                "PagedCache.for_model(model, ...) (or call kv_paged.integrations.hf.attach(model)) and "
+                "pass it to that model's forward or generate"
+            )
+        return key_states, value_states
 
     def get_seq_length(self) -> int:
-        return self._cache.get_seq_length()
+        cache = self._cache()
+        return 0 if cache is None else cache.get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._cache.get_seq_length() + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -69,18 +81,12 @@ class PagedLayer(CacheLayerMixin):
         pass
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("PagedCache does not support beam search (reorder_cache)")
+        raise NotImplementedError("reorder a PagedCache as a whole: cache.reorder_cache(beam_idx)")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("PagedCache does not support crop (assisted decoding)")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError(
-            "PagedCache does not support batch_repeat_interleave: expand the prompts before generate"
+            "PagedCache does not support crop (assisted / speculative decoding)"
         )
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("PagedCache does not support batch_select_indices")
 
 
 class PagedCache(Cache):
@@ -94,28 +100,23 @@ class PagedCache(Cache):
         cache.add_prompts(ids2, mask2)         # books the next prompts, reusing cached prefixes
         out2 = model.generate(ids2, attention_mask=mask2, past_key_values=cache)  # runs the rest
 
-    Two ways to drive it:
-      * generate / a hand-written loop: each forward's input_ids [B, S] (left-padded, with the
-        2D attention_mask over past + new columns) extends the cache's batch; pad tokens are never
-        written nor attended. The first forward after reset() starts a new batch.
-      * an engine: `PagedCache.for_engine(model, pool)`, then `set_step(meta)` before each forward
-        on packed input_ids [1, T] with explicit position_ids; the engine owns the BlockManager.
+    (`cache=` instead of `past_key_values=` from transformers 5.24 on.) Each forward's input_ids
+    [B, S] (left-padded, with the 2D attention_mask over past + new columns) extends the batch; pad
+    tokens are never written nor attended; the first forward after reset() starts a new batch.
+    Beam search (`num_beams=k`) shares the prompt's blocks between beams and reorders them by
+    forking, so only a beam's own partial last block is ever copied.
     """
 
-    def __init__(
-        self,
-        pool: KVCachePool,
-        block_manager: Any = None,
-        *,
-        sliding_windows: Sequence[int | None] | None = None,
-    ) -> None:
+    def __init__(self, pool: KVCachePool, block_manager: BlockManager) -> None:
         """pool: the K/V pools (one pair per decoder layer). block_manager: a kv_paged.BlockManager
-        over the same num_blocks / block_size, needed by the generate / hand-loop path; None for an
-        engine that books blocks itself and only calls set_step(). sliding_windows: per layer,
-        informational (the attention takes each layer's window from the model)."""
+        over the same num_blocks / block_size."""
         if not isinstance(pool, KVCachePool):
             raise TypeError(f"pool must be a kv_paged.cache.KVCachePool, got {type(pool).__name__}")
-        if block_manager is not None and (
+        if not isinstance(block_manager, BlockManager):
+            raise TypeError(
+                f"block_manager must be a kv_paged.BlockManager, got {type(block_manager).__name__}"
+            )
+        if (
             block_manager.num_blocks != pool.num_blocks
             or block_manager.block_size != pool.block_size
         ):
@@ -125,20 +126,9 @@ class PagedCache(Cache):
             )
         self.pool = pool
         self.block_manager = block_manager
-        num_layers = pool.num_layers
-        windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers
-        if len(windows) != num_layers:
-            raise ValueError(f"sliding_windows needs {num_layers} entries, got {len(windows)}")
-        self.sliding_windows = [w if w is not None and w > 0 else None for w in windows]
-        layers = [PagedLayer(self, i, w) for i, w in enumerate(self.sliding_windows)]
-        super().__init__(layers=layers)
-        self._batch: PaddedBatch | None = None  # the generate / hand-loop batch
+        super().__init__(layers=[PagedLayer(self, i, False) for i in range(pool.num_layers)])
+        self._batch: PaddedBatch | None = None
         self._next_seq_id = 0
-        self._meta: AttentionMetadata | None = None
-        self._external_meta: AttentionMetadata | None = None
-        self._stepping = False  # the running forward is a PaddedBatch step (not an engine step)
-        self._new_kv: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self._owner: torch.nn.Module | None = None
         self._broken: str | None = None
 
     # -- construction --------------------------------------------------------------------------
@@ -151,11 +141,11 @@ class PagedCache(Cache):
         block_size: int = 16,
         *,
         enable_prefix_caching: bool = True,
-        block_manager: Any = None,
+        block_manager: BlockManager | None = None,
         dtype: torch.dtype | None = None,
     ) -> PagedCache:
-        """A cache sized from model.config (layers, kv heads, head_dim, sliding windows, dtype,
-        device) and hooked into model's forward."""
+        """A cache sized from model.config (layers, kv heads, head_dim, dtype, device) with its own
+        BlockManager (or the one given), and model's forward wrapped to drive it."""
         spec = kv_cache_spec(model)
         pool = KVCachePool(
             num_layers=len(spec["num_kv_heads"]),
@@ -167,16 +157,10 @@ class PagedCache(Cache):
             device=spec["device"],
         )
         if block_manager is None:
-            block_manager = kv_paged.BlockManager(num_blocks, block_size, enable_prefix_caching)
-        cache = cls(pool, block_manager, sliding_windows=spec["sliding_windows"])
-        attach(model)
-        return cache
-
-    @classmethod
-    def for_engine(cls, model: torch.nn.Module, pool: KVCachePool) -> PagedCache:
-        """A cache over an engine's pool, hooked into model; the engine drives every forward with
-        set_step(meta) and owns the BlockManager."""
-        cache = cls(pool, None, sliding_windows=kv_cache_spec(model)["sliding_windows"])
+            block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        cache = cls(pool, block_manager)
+        for layer, window in zip(cache.layers, spec["sliding_windows"]):
+            layer.is_sliding = window is not None
         attach(model)
         return cache
 
@@ -190,7 +174,7 @@ class PagedCache(Cache):
 
     @property
     def seq_ids(self) -> list[int]:
-        """BlockManager sequence id of each batch row (generate / hand-loop path)."""
+        """BlockManager sequence id of each batch row."""
         return [] if self._batch is None else self._batch.seq_ids
 
     # -- batch lifecycle -----------------------------------------------------------------------
@@ -200,8 +184,6 @@ class PagedCache(Cache):
         if self._batch is not None:
             self._batch.free()
         self._batch = None
-        self._meta = self._external_meta = self._new_kv = None
-        self._stepping = False
         self._broken = None
 
     def add_prompts(
@@ -214,30 +196,48 @@ class PagedCache(Cache):
         so generate runs only input_ids[:, returned:]); always < L.
         """
         self._check_usable()
-        if self.block_manager is None:
-            raise RuntimeError("this PagedCache has no BlockManager (built for an engine)")
         if self._batch is not None:
             raise RuntimeError(
                 "PagedCache already holds a batch; call cache.reset() before add_prompts()"
             )
         batch = PaddedBatch(self.block_manager, first_seq_id=self._next_seq_id)
-        columns = batch.add_prompts(input_ids, attention_mask)
-        self._batch, self._next_seq_id = batch, batch.next_seq_id
+        try:
+            columns = batch.add_prompts(input_ids, attention_mask)
+        finally:
+            self._next_seq_id = batch.next_seq_id
+        self._batch = batch
         return columns
-
-    def set_step(self, meta: AttentionMetadata | None) -> None:
-        """Engine path: the next forward (packed input_ids [1, T] with explicit position_ids) uses
-        `meta` as is, with no sequence bookkeeping here. None clears a step that was not run."""
-        if meta is not None and not isinstance(meta, AttentionMetadata):
-            raise TypeError(
-                f"meta must be a kv_paged.cache.AttentionMetadata or None, got {type(meta).__name__}"
-            )
-        self._external_meta = meta
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._batch.columns if self._batch is not None else 0
 
-    # -- per-forward metadata ------------------------------------------------------------------
+    # -- beam search and batch reshaping (generate calls these between forwards) ----------------
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Row i continues what row beam_idx[i] held: forks of the chosen rows' sequences, the
+        others freed. Full blocks are shared; a shared partial last block is copied on the next
+        append (copy-on-write). beam_idx: int [B]."""
+        self._select(beam_idx, "beam_idx", same_size=True)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (int [B']), in that order; rows may repeat (forks)."""
+        self._select(indices, "indices", same_size=False)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row becomes `repeats` consecutive rows sharing its blocks."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        rows = len(self.seq_ids)
+        self._select(torch.arange(rows).repeat_interleave(repeats), "repeats", same_size=False)
+
+    def _select(self, index: torch.Tensor, name: str, *, same_size: bool) -> None:
+        self._check_usable()
+        if self._batch is None:
+            raise RuntimeError(f"PagedCache holds no batch to reorder ({name})")
+        self._batch.select(index, name, same_size=same_size)
+        self._next_seq_id = self._batch.next_seq_id
+
+    # -- one forward ---------------------------------------------------------------------------
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -245,128 +245,80 @@ class PagedCache(Cache):
                 f"PagedCache is unusable after a failed forward ({self._broken}); call reset()"
             )
 
-    def _begin_step(self, input_ids: torch.Tensor | None, attention_mask: Any) -> None:
+    @contextlib.contextmanager
+    def _forward(self, input_ids: Any, attention_mask: Any) -> Iterator[None]:
+        """Books the forward's tokens, applies pending copy-on-write copies and sets the forward
+        context for the with-block; the BlockManager hears the K/V is written only on success.
+        A failure (KeyboardInterrupt included) leaves the cache refusing work until reset()."""
         self._check_usable()
-        if self._external_meta is not None:
-            self._meta, self._external_meta = self._external_meta, None
-            self._stepping = False
-            return
-        if self.block_manager is None:
-            raise RuntimeError(
-                "this PagedCache has no BlockManager (built for an engine): call set_step(meta) before "
-                "each forward, or build it with PagedCache.for_model(model, num_blocks=...)"
-            )
         if self._batch is None:
             self._batch = PaddedBatch(self.block_manager, first_seq_id=self._next_seq_id)
         try:
-            self._meta = self._batch.begin_step(input_ids, attention_mask, device=self.pool.device)
+            meta = self._batch.begin_step(input_ids, attention_mask, device=self.pool.device)
         finally:
             self._next_seq_id = self._batch.next_seq_id
             if not self._batch.seq_ids:
                 self._batch = None
-        self._stepping = True
+        ok = False
+        try:
+            self.pool.copy_blocks(self.block_manager.take_copies())
+            with forward_context(meta, self.pool, owner=self):
+                yield
+            ok = True
+        finally:
+            if ok:
+                self._batch.commit_step()
+            else:  # the BlockManager holds this step's tokens, their K/V may be half written
+                self._broken = "a forward raised or was interrupted"
 
-    def _end_step(self, ok: bool) -> None:
-        stepping, self._stepping = self._stepping, False
-        self._meta = self._new_kv = None
-        if not stepping:
-            return
-        if ok:
-            self._batch.commit_step()
-        else:  # the BlockManager already holds this step's tokens, their K/V may be half written
-            self._broken = "a forward raised"
 
-    def _write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
-        """key, value: [B, num_kv_heads, S, head_dim] -> pool; returned unchanged."""
-        meta = self._meta
-        if meta is None or _active_cache() is not self:
-            raise RuntimeError(
-                "PagedCache.update() ran outside a forward hooked by kv_paged: build the cache with "
-                "PagedCache.for_model(model, ...) (or call kv_paged.integrations.hf.attach(model)) and "
-                "pass it as past_key_values to that model"
+def _cache_argument(kwargs: dict) -> Any:
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def _wrap_forward(module: torch.nn.Module) -> None:
+    """Replace module.forward by one that runs a PagedCache forward inside its forward context.
+    The wrapper holds the module weakly, so a wrapped model is freed as soon as it is dropped."""
+    instance_forward = module.__dict__.get("forward")  # another wrapper (accelerate hooks), or None
+    class_forward = type(module).forward
+    module_ref = weakref.ref(module)
+    signature = inspect.signature(module.forward)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        target = module_ref()
+        call = instance_forward or functools.partial(class_forward, target)
+        cache = _cache_argument(kwargs)
+        if not isinstance(cache, PagedCache):
+            return call(*args, **kwargs)
+        context = get_forward_context()
+        if context is not None and context.owner is cache:
+            return call(*args, **kwargs)  # the decoder inside the LM's forward: same step
+        impl = getattr(getattr(target, "config", None), "_attn_implementation", ATTN_NAME)
+        if impl not in (ATTN_NAME, PAGED_ATTN_NAME):
+            raise ValueError(
+                f"a PagedCache needs attn_implementation='{ATTN_NAME}', but the model uses '{impl}': "
+                f"call model.set_attn_implementation('{ATTN_NAME}')"
             )
-        bsz, heads, seq, dim = key.shape
-        k = meta.pack(key.transpose(1, 2).reshape(bsz * seq, heads, dim))
-        v = meta.pack(value.transpose(1, 2).reshape(bsz * seq, heads, value.shape[-1]))
-        self.pool.write(layer_idx, k, v, meta)
-        self._new_kv = (layer_idx, k, v)
-        return key, value
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        with cache._forward(input_ids, kwargs.get("attention_mask")):
+            return call(*args, **kwargs)
 
-
-def _sliding_windows(config: Any) -> list[int | None]:
-    """Per-layer sliding window from a transformers config (None = full attention)."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return [window if t == "sliding_attention" else None for t in layer_types]
-    if getattr(config, "use_sliding_window", True) is False:
-        return [None] * config.num_hidden_layers
-    return [window] * config.num_hidden_layers
-
-
-def kv_cache_spec(model: torch.nn.Module) -> dict[str, Any]:
-    """What the K/V pools of `model` look like, from its config: per-layer num_kv_heads,
-    head_dim and sliding window (lists), dtype and device of its parameters."""
-    config = model.config.get_text_config(decoder=True)
-    num_layers = config.num_hidden_layers
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    param = next(model.parameters())
-    return {
-        "num_kv_heads": [num_kv_heads] * num_layers,
-        "head_dim": [head_dim] * num_layers,
-        "sliding_windows": _sliding_windows(config),
-        "dtype": param.dtype,
-        "device": param.device,
-    }
-
-
-def use_kv_paged_attention(model: torch.nn.Module) -> None:
-    """Switch model to the "kv_paged" attention (and mask) implementation."""
-    model.set_attn_implementation(ATTN_NAME)
-
-
-# ---------------------------------------------------------------------------------------------
-# Forward hooks: one metadata build per forward
-# ---------------------------------------------------------------------------------------------
-
-
-def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("past_key_values")
-    if not isinstance(cache, PagedCache) or cache._owner is not None:
-        return  # not ours, or an inner hooked module of a forward already begun
-    impl = getattr(getattr(module, "config", None), "_attn_implementation", ATTN_NAME)
-    if impl not in (ATTN_NAME, PAGED_ATTN_NAME):
-        raise ValueError(
-            f"a PagedCache needs attn_implementation='{ATTN_NAME}', but the model uses '{impl}': "
-            f"call model.set_attn_implementation('{ATTN_NAME}')"
-        )
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    cache._begin_step(input_ids, kwargs.get("attention_mask"))
-    cache._owner = module
-    _state.cache = cache
-
-
-def _post_forward(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    cache = kwargs.get("past_key_values")
-    if not isinstance(cache, PagedCache) or cache._owner is not module:
-        return
-    cache._owner = None
-    _state.cache = None
-    cache._end_step(output is not None)
+    functools.update_wrapper(forward, class_forward)
+    forward.__signature__ = signature  # transformers inspects forward's parameters
+    module.forward = forward
 
 
 def attach(model: torch.nn.Module) -> None:
-    """Hook model's forward (and its decoder's) so a PagedCache passed as past_key_values works.
-    Idempotent."""
+    """Wrap model's forward (and its decoder's) so a PagedCache passed as `cache` /
+    `past_key_values` works. Idempotent."""
     targets = [model]
     decoder = getattr(model, "model", None)
     if isinstance(decoder, torch.nn.Module):
         targets.append(decoder)
     for target in targets:
-        if getattr(target, "_kv_paged_hooked", False):
-            continue
-        target.register_forward_pre_hook(_pre_forward, with_kwargs=True)
-        target.register_forward_hook(_post_forward, with_kwargs=True, always_call=True)
-        target._kv_paged_hooked = True
+        if not getattr(target, "_kv_paged_wrapped", False):
+            _wrap_forward(target)
+            target._kv_paged_wrapped = True

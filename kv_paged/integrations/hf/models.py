@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import transformers
 
-from kv_paged.integrations.hf import ATTN_NAME
+from kv_paged.integrations.hf.names import ATTN_NAME
 
 _COMMON_CONFIG = {
     "vocab_size": 128,
