@@ -18,12 +18,21 @@ ifeq ($(origin PYTHON),undefined)
 endif
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test build python-env gtest cpp-test cuda-check lint pytest bench clean
+# The oldest transformers kv_paged supports (pyproject's lower bound; the GPU machine's version) and
+# the tests that touch transformers, run again against it by `make test-oldest`. psutil: its
+# continuous batching sizes its cache with it on CPU.
+OLDEST_TRANSFORMERS := transformers==5.17.0
+OLDEST_EXTRAS := psutil
+OLDEST_VENV := .venv-oldest
+OLDEST_TESTS := tests/test_hf_cache.py tests/test_hf_models.py tests/test_hf_beam.py \
+  tests/test_interrupts.py tests/test_engine.py tests/test_beam_search.py
+
+.PHONY: demo test build python-env gtest cpp-test cuda-check lint pytest test-oldest bench clean
 
 demo: build
 	$(PYTHON) -m kv_paged demo
 
-test: build cpp-test cuda-check lint pytest
+test: build cpp-test cuda-check lint pytest test-oldest
 
 # Python environment: torch (pinned, only when none is importable) and the test/demo dependencies.
 # Each is installed only when missing, so this works offline where everything is already there.
@@ -67,6 +76,16 @@ lint: python-env
 
 pytest: build
 	$(PYTHON) -m pytest -q tests
+
+# The transformers-facing tests again on the oldest supported transformers, in $(OLDEST_VENV) (over
+# this environment's torch and packages, see tools/oldest_env.py). Skipped (loudly) only outside CI
+# when it cannot be installed (the offline GPU machine).
+test-oldest: build
+	@if $(PYTHON) tools/oldest_env.py $(OLDEST_VENV) $(OLDEST_TRANSFORMERS) $(OLDEST_EXTRAS); then \
+	  echo "pytest on $(OLDEST_TRANSFORMERS)"; \
+	  $(OLDEST_VENV)/bin/python -m pytest -q $(OLDEST_TESTS); \
+	else echo "SKIPPED test-oldest: $(OLDEST_TRANSFORMERS) could not be installed"; \
+	  [ "$${CI:-}" != true ] || exit 1; fi
 
 bench: build
 	$(PYTHON) benchmarks/bench_block_manager.py

@@ -14,7 +14,7 @@ REQUIREMENTS = {
     "wheel": "wheel",
     "numpy": "numpy",
     "pytest": "pytest",
-    "transformers": "transformers>=5.0,<6",
+    "transformers": "transformers>=5.17,<6",  # the range pyproject.toml declares
     "matplotlib": "matplotlib",
     "tqdm": "tqdm",
     "ruff": "ruff==0.16.9",  # `make lint`; pinned because formatting changes between releases
