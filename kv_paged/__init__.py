@@ -15,6 +15,7 @@ from kv_paged.block_manager import BlockManager  # noqa: E402  (needs _C loaded)
 
 __version__ = "0.1.0"
 __all__ = [
+    "BeamSearchParams",
     "BlockManager",
     "Engine",
     "PagedCache",
@@ -52,6 +53,10 @@ def __getattr__(
         from kv_paged import engine
 
         return getattr(engine, name)
+    if name == "BeamSearchParams":
+        from kv_paged.beam_search import BeamSearchParams
+
+        return BeamSearchParams
     if name == "PagedCache":  # needs transformers: an ImportError says so
         from kv_paged.integrations.hf import PagedCache
 

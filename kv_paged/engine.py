@@ -10,6 +10,7 @@ at the rows that sample. The scheduler (kv_paged/scheduler.py) decides the slice
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from kv_paged.beam_search import BeamSearch, BeamSearchParams
 from kv_paged.block_manager import BlockManager
 from kv_paged.metrics import EngineMetrics, progress_bar
 from kv_paged.model_runner import ModelRunner, default_kv_memory, kv_bytes_per_block
@@ -111,16 +113,28 @@ class Engine:
     def add_request(
         self,
         prompt: str | Seq[int],
-        params: SamplingParams | None = None,
+        params: SamplingParams | BeamSearchParams | None = None,
         request_id: str | None = None,
     ) -> str:
         """Queues a request; returns its id. A request that can never fit is reported by the next
-        step() as finished with `error` set (the others are unaffected)."""
+        step() as finished with `error` set (the others are unaffected).
+
+        params: SamplingParams (sampling / greedy, n samples) or BeamSearchParams (beam search,
+        as transformers' generate(num_beams=...); its output is reported once, when finished).
+        """
         self._check_open("add_request")
         params = params if params is not None else SamplingParams()
+        beam_params = params if isinstance(params, BeamSearchParams) else None
+        if beam_params is not None:  # the scheduler's view: one greedy sequence per beam
+            params = SamplingParams(
+                max_new_tokens=beam_params.max_new_tokens,
+                temperature=0.0,
+                ignore_eos=beam_params.ignore_eos,
+            )
         if not isinstance(params, SamplingParams):
             raise TypeError(
-                f"add_request: params must be SamplingParams, got {type(params).__name__}"
+                "add_request: params must be SamplingParams or BeamSearchParams, got "
+                f"{type(params).__name__}"
             )
         token_ids = self._encode(prompt)
         if params.stop and self.tokenizer is None:
@@ -152,6 +166,9 @@ class Engine:
             req.seqs.append(
                 Sequence(next(self._seq_ids), req, i, list(token_ids), make_generator(seed, i))
             )
+        if beam_params is not None:
+            req.beam = BeamSearch(token_ids, beam_params, self.eos_token_ids)
+            req.beams = [req.seqs[0]]
         self._requests[request_id] = req
         self._metrics.num_requests += 1
         req.error = self._why_impossible(req)
@@ -262,21 +279,25 @@ class Engine:
     def generate(
         self,
         prompts: str | Seq[int] | Iterable[str | Seq[int]],
-        params: SamplingParams | Seq[SamplingParams] | None = None,
+        params: SamplingParams
+        | BeamSearchParams
+        | Seq[SamplingParams | BeamSearchParams]
+        | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generates every prompt to completion; outputs in prompt order. Metrics: self.metrics().
 
         prompts: a list of prompts (token-id lists, 1-D tensors, or strings with a tokenizer); one
           prompt on its own (a string, a flat token-id list, a 1-D tensor) is a list of one.
-        params: one SamplingParams for all, or one per prompt; None = SamplingParams().
+        params: one SamplingParams or BeamSearchParams for all, or one per prompt; None =
+          SamplingParams().
         """
         if isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1):
             prompts = [prompts]
         prompts = list(prompts)
         if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
             prompts = [prompts]
-        if params is None or isinstance(params, SamplingParams):
+        if params is None or isinstance(params, (SamplingParams, BeamSearchParams)):
             params_list = [params] * len(prompts)
         else:
             params_list = list(params)
@@ -321,6 +342,21 @@ class Engine:
                 bar.close()
         self._metrics.end = time.perf_counter()
         return [results[i] for i in ids]
+
+    def beam_search(
+        self,
+        prompts: str | Seq[int] | Iterable[str | Seq[int]],
+        params: BeamSearchParams,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Beam search over every prompt (vLLM's LLM.beam_search): generate() with BeamSearchParams.
+        Each output holds params.num_return_sequences hypotheses, best first, with their `score`.
+        Beams share KV blocks: a step's new beams fork their parents (copy-on-write)."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(
+                f"beam_search: params must be BeamSearchParams, got {type(params).__name__}"
+            )
+        return self.generate(prompts, params, use_tqdm)
 
     def metrics(self) -> EngineMetrics:
         """Metrics of the current (or last) run: since generate() started, or since the engine
@@ -384,8 +420,9 @@ class Engine:
                 f"request {req.request_id}: prompt ({p} tokens) + max_new_tokens ({m}) needs {need} KV blocks "
                 f"of {self.block_size} tokens but the whole pool has {self.num_blocks}; raise num_blocks / kv_memory"
             )
-        if req.params.n > self.scheduler.max_num_seqs:
-            return f"request {req.request_id}: n = {req.params.n} exceeds max_num_seqs = {self.scheduler.max_num_seqs}"
+        if req.max_seqs > self.scheduler.max_num_seqs:
+            what = "beam_width" if req.beam is not None else "n"
+            return f"request {req.request_id}: {what} = {req.max_seqs} exceeds max_num_seqs = {self.scheduler.max_num_seqs}"
         return None
 
     def _execute(self, batch: ScheduledBatch) -> list[Request]:
@@ -396,10 +433,15 @@ class Engine:
         sampling_rows = [i for i, e in enumerate(entries) if e.samples]
         # Rows to sample: one per sequence, except an unforked n > 1 request, which samples all n
         # of its sequences from the prompt's logits row (each with its own generator).
-        row_index, row_seqs = [], []
+        # A beam search request's rows are not sampled: their log-probabilities go to its search.
+        row_index, row_seqs, beam_index, beam_seqs = [], [], [], []
         for r, i in enumerate(sampling_rows):
             seq = entries[i].seq
             req = seq.request
+            if req.beam is not None:
+                beam_index.append(r)
+                beam_seqs.append(seq)
+                continue
             group = req.seqs if not req.forked else [seq]
             row_index += [r] * len(group)
             row_seqs += group
@@ -408,6 +450,7 @@ class Engine:
         # step is undone and its sequences recompute later. After it comes only bookkeeping.
         drawing = [s for s in row_seqs if not s.request.params.greedy]  # greedy rows draw nothing
         generator_states = [s.generator.get_state() for s in drawing]
+        beam_steps: list[tuple[Request, BeamSearch, list[int]]] = []
         t0 = time.perf_counter()
         try:
             logits = self.runner.forward(
@@ -445,9 +488,15 @@ class Engine:
                 )
                 for seq, token in zip(row_seqs, tokens)
             ]
+            beam_logprobs = (
+                torch.log_softmax(logits[beam_index].float(), dim=-1) if beam_seqs else None
+            )
+            beam_steps = self._select_beams(beam_seqs, beam_logprobs)  # last: it changes searches
         except BaseException:
             for s, state in zip(drawing, generator_states):
                 s.generator.set_state(state)
+            for req, before, _ in beam_steps:
+                req.beam = before
             self.scheduler.requeue([e.seq for e in entries])
             raise
         self.block_manager.mark_computed(seq_ids, [e.end for e in entries])
@@ -462,14 +511,18 @@ class Engine:
         for seq in row_seqs:
             req = seq.request
             if not req.forked and seq.index > 0:
-                parent = req.seqs[0]
-                self.block_manager.fork(parent.seq_id, seq.seq_id)
-                seq.num_computed = seq.num_in_manager = parent.num_computed
-                seq.status = SeqStatus.RUNNING
-                self.scheduler.running.insert(self.scheduler.running.index(parent) + seq.index, seq)
+                self.scheduler.fork(req.seqs[0], seq)
                 m.forks += 1
         touched: dict[str, Request] = {}
         t1 = time.perf_counter()
+        for seq, row in zip(beam_seqs, beam_logprobs if beam_seqs else []):
+            seq.request.beam_rows[seq.seq_id] = row
+            if seq.request.first_token_time is None:
+                seq.request.first_token_time = t1
+        for req, _, parents in beam_steps:
+            m.forks += self._advance_beams(req, parents)
+            if req.finished:
+                touched[req.request_id] = req
         for seq, token, stop_hit in zip(row_seqs, tokens, stop_hits):
             req = seq.request
             req.forked = True
@@ -488,7 +541,7 @@ class Engine:
         m.prefix_hit_tokens = self.scheduler.prefix_hit_tokens - self._prefix_base[1]
         m.prefill_tokens += batch.num_prefill_tokens
         m.decode_tokens += batch.num_decode_tokens
-        m.generated_tokens += len(tokens)
+        m.generated_tokens += len(tokens) + len(beam_seqs)
         m.cow_copies += int(batch.copies.shape[0])
         m.forward_time += t1 - t0
         running = self.scheduler.running
@@ -503,3 +556,59 @@ class Engine:
             ),
         )
         return list(touched.values())
+
+    def _select_beams(
+        self, seqs: list[Sequence], logprobs: torch.Tensor | None
+    ) -> list[tuple[Request, BeamSearch, list[int]]]:
+        """Runs a beam search step for each request whose live beams all have their next-token
+        log-probabilities with this step's rows (seqs: the beam rows, logprobs [len(seqs), vocab]).
+        Returns (request, its search before the step, parents) per request stepped; changes only
+        request.beam, which the caller restores from `before` if the step is undone."""
+        new = {seq.seq_id: row for seq, row in zip(seqs, logprobs if seqs else [])}
+        stepped = []
+        for req in dict.fromkeys(seq.request for seq in seqs):
+            rows = [new.get(s.seq_id, req.beam_rows.get(s.seq_id)) for s in req.beams]
+            if any(row is None for row in rows):
+                continue  # some beams wait for the token budget or recompute after preemption
+            before = copy.deepcopy(req.beam)
+            stepped.append((req, before, req.beam.step(torch.stack(rows))))
+        return stepped
+
+    def _advance_beams(self, req: Request, parents: list[int]) -> int:
+        """After a beam search step: new beam i continues old beam parents[i] with the token the
+        search chose. A parent's first continuation keeps its sequence, later ones fork it (shared
+        blocks, copy-on-write); beams nobody continues are freed. Returns the forks made."""
+        old, forks = req.beams, 0
+        req.beam_rows.clear()
+        if req.beam.done:  # the search returns its hypotheses; every beam is freed
+            for seq in old:
+                self.scheduler.finish(seq, "beam")
+            req.beams = []
+            return 0
+        kept: dict[int, Sequence] = {}
+        new_beams: list[tuple[Sequence, int]] = []
+        for i, p in enumerate(parents):
+            parent, token = old[p], req.beam.running[i][-1]
+            if p not in kept:
+                kept[p] = parent
+                new_beams.append((parent, token))
+                continue
+            child = Sequence(
+                next(self._seq_ids),
+                req,
+                len(req.seqs),
+                list(parent.token_ids),
+                make_generator(req.seed, len(req.seqs)),
+            )
+            req.seqs.append(child)
+            self.scheduler.fork(parent, child)
+            new_beams.append((child, token))
+            forks += 1
+        pruned = [seq for p, seq in enumerate(old) if p not in kept]
+        for seq in pruned:
+            self.scheduler.finish(seq, "beam")
+        req.seqs = [s for s in req.seqs if s not in pruned]  # only live beams stay referenced
+        for seq, token in new_beams:
+            seq.token_ids.append(token)
+        req.beams = [seq for seq, _ in new_beams]
+        return forks

@@ -28,6 +28,9 @@ class CompletionOutput:
     # the top ones), and the chosen tokens' summed logprob.
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
+    # Beam search: the hypothesis' score, its summed logprobs / length ** length_penalty
+    # (transformers' sequences_scores); outputs come best first.
+    score: float | None = None
 
 
 @dataclass
@@ -71,7 +74,9 @@ class OutputProcessor:
 
     def build(self, req: Request) -> RequestOutput:
         outs = []
-        if req.error is None:
+        if req.error is None and req.beam is not None:
+            outs = self._beam_outputs(req)
+        elif req.error is None:
             for seq in req.seqs if req.forked else req.seqs[:1]:
                 toks = seq.output_token_ids
                 done = self._emitted.get(seq.seq_id, 0)
@@ -97,6 +102,39 @@ class OutputProcessor:
             req.num_cached_tokens,
             RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
         )
+
+    def _beam_outputs(self, req: Request) -> list[CompletionOutput]:
+        """The search's best hypotheses once it is done (finish_reason "stop" when one ends in an
+        eos token, else "length"); the live beams, unscored, if it was aborted before."""
+        beam = req.beam
+        if not beam.done:
+            hyps = [(toks, None) for toks in beam.running if toks]
+        else:
+            hyps = beam.results()
+        outs = []
+        for i, (toks, score) in enumerate(hyps):
+            if score is None:
+                reason = req.beams[0].finish_reason if req.beams else None
+            else:
+                reason = "stop" if toks and toks[-1] in beam.eos_token_ids else "length"
+            text = None
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            cumulative = None
+            if score is not None and toks:
+                cumulative = score * len(toks) ** beam.params.length_penalty
+            outs.append(
+                CompletionOutput(
+                    index=i,
+                    token_ids=list(toks),
+                    new_token_ids=list(toks),
+                    finish_reason=reason,
+                    text=text,
+                    cumulative_logprob=cumulative,
+                    score=score,
+                )
+            )
+        return outs
 
     def forget(self, req: Request) -> None:
         """The request finished: drop its streaming state."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kv_paged.beam_search import BeamSearch
 from kv_paged.sampling import SamplingParams
 
 
@@ -40,12 +41,29 @@ class Request:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+    # Beam search (BeamSearchParams): the selection state, the live beams in its order, and each
+    # beam's next-token log-probabilities [vocab] once computed (a step needs every beam's).
+    beam: BeamSearch | None = None
+    beams: list[Sequence] = field(default_factory=list)
+    beam_rows: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
         return self.error is not None or (
             self.forked and all(s.status is SeqStatus.FINISHED for s in self.seqs)
         )
+
+    @property
+    def max_seqs(self) -> int:
+        """Sequence slots the request may need at once, held from admission on: beam_width for
+        beam search, n for an n > 1 request that has not forked yet, else 1."""
+        if self.beam is not None:
+            return self.beam.params.beam_width
+        return self.params.n if not self.forked else 1
+
+    def beams_ready(self) -> bool:
+        """Every live beam's next-token log-probabilities are in: the search can take a step."""
+        return bool(self.beams) and all(s.seq_id in self.beam_rows for s in self.beams)
 
 
 @dataclass(eq=False)
@@ -71,6 +89,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
+
+    @property
+    def idle(self) -> bool:
+        """A beam whose next-token row is computed, waiting for the rest of its group."""
+        return self.seq_id in self.request.beam_rows
 
     @property
     def is_decode(self) -> bool:
@@ -152,6 +175,28 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.bm.free(seq.seq_id)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """child (a copy of parent's tokens) continues parent: it shares parent's blocks when parent
+        is resident (copy-on-write on the first append into a shared partial block), else it
+        waits beside parent to be computed. Runs right after parent's row sampled."""
+        if parent.status is SeqStatus.RUNNING:
+            self.bm.fork(parent.seq_id, child.seq_id)
+            child.num_computed, child.num_in_manager = parent.num_computed, parent.num_in_manager
+            child.status = SeqStatus.RUNNING
+            at = self.running.index(parent) + 1  # after parent's earlier children: admission order
+            while at < len(self.running) and self.running[at].request is parent.request:
+                at += 1
+            self.running.insert(at, child)
+        else:
+            child.status = SeqStatus.WAITING
+            child.num_computed = child.num_in_manager = 0
+            at = self.waiting.index(parent) + 1 if parent in self.waiting else 0
+            while at < len(self.waiting) and self.waiting[at].request is parent.request:
+                at += 1
+            self.waiting.insert(at, child)
 
     def abort_request(self, request: Request) -> None:
         for seq in request.seqs:
@@ -194,6 +239,8 @@ class Scheduler:
                 break
             if seq.seq_id in scheduled or seq.is_decode:
                 continue  # decode rows that did not fit the token budget wait for the next step
+            if seq.idle:
+                continue
             chunk = min(len(seq.token_ids) - seq.num_computed, budget)
             start = seq.num_computed
             entries.append(ScheduledSeq(seq, start, start + chunk))
@@ -203,15 +250,20 @@ class Scheduler:
 
         # 3) Admit waiting sequences while blocks, sequence slots and token budget last; never right
         # after a preemption (the pool is full, admitting would only thrash).
-        # An n > 1 request holds n sequence slots from admission on, although its samples only
-        # fork once the prompt is computed.
-        occupied = len(self.running) + sum(
-            seq.request.params.n - 1 for seq in self.running if not seq.request.forked
-        )
-        while self.waiting and budget > 0 and not preempted:
-            seq = self.waiting[0]
+        # An n > 1 or beam search request holds its sequence slots from admission on (Request.max_seqs),
+        # although its samples or beams only fork once the prompt is computed.
+        live: dict[Request, int] = {}
+        for seq in self.running:
+            live[seq.request] = live.get(seq.request, 0) + 1
+        occupied = sum(max(n, req.max_seqs) for req, n in live.items())
+        if not entries and not preempted:
+            self._make_room_for_waiting()
+        while budget > 0 and not preempted:
+            seq = next((s for s in self.waiting if not s.idle), None)
+            if seq is None:
+                break
             req = seq.request
-            width = req.params.n if not req.forked else 1
+            width = req.max_seqs if req not in live else 1
             if occupied + width > self.max_num_seqs and self.running:
                 break
             num_tokens = len(seq.token_ids)
@@ -220,7 +272,7 @@ class Scheduler:
                 self.running and self.bm.num_free_blocks - needed < self.watermark_blocks
             ):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             cached = self.bm.allocate(seq.seq_id, seq.token_ids)
             self.prefix_queried_tokens += num_tokens
             self.prefix_hit_tokens += cached
@@ -230,6 +282,7 @@ class Scheduler:
             seq.num_in_manager = num_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            live[req] = live.get(req, 0) + 1
             occupied += width
             chunk = min(num_tokens - cached, budget)
             entries.append(ScheduledSeq(seq, cached, cached + chunk))
@@ -240,6 +293,22 @@ class Scheduler:
         slot_mapping = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.int64)
         copies = self.bm.take_copies()
         return ScheduledBatch(entries, slot_mapping, copies, prefill, len(decodes), preempted)
+
+    def _make_room_for_waiting(self) -> None:
+        """Nothing was scheduled: every running sequence is an idle beam (computed, waiting for the
+        rest of its group), and they may hold the blocks the group's other beams need. Send idle
+        beams back, youngest first, until the first waiting sequence fits; their log-probabilities
+        are kept, so only their KV is recomputed if they continue."""
+        head = next((s for s in self.waiting if not s.idle), None)
+        if head is None:
+            return
+        needed = -(-len(head.token_ids) // self.bm.block_size)
+        idle = [s for s in self.running if s.idle]
+        while idle and not (
+            self.bm.can_allocate(len(head.token_ids))
+            and self.bm.num_free_blocks - needed >= self.watermark_blocks
+        ):
+            self._preempt(idle.pop())
 
     def _append_preempting(
         self, decodes: list[Sequence]
