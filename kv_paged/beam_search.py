@@ -9,6 +9,7 @@ the same way; only the token lists are kept as Python lists.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,18 +82,12 @@ class BeamSearch:
     Drive it with step() until done, then read results().
     """
 
-    def __init__(
-        self,
-        prompt_token_ids: Sequence[int],
-        params: BeamSearchParams,
-        eos_token_ids: Sequence[int] = (),
-    ) -> None:
+    def __init__(self, params: BeamSearchParams, eos_token_ids: Sequence[int] = ()) -> None:
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"BeamSearch: params must be a BeamSearchParams, got {params!r}")
         eos = () if params.ignore_eos else tuple(eos_token_ids)
         if not all(_is_int(t) and t >= 0 for t in eos):
             raise ValueError(f"BeamSearch: eos_token_ids must be ints >= 0, got {eos_token_ids!r}")
-        self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         # Duplicates count, as in transformers (n_eos_tokens = eos_token_id.shape[0]).
         self.eos_token_ids: tuple[int, ...] = eos
@@ -111,6 +106,11 @@ class BeamSearch:
             (1, 1), dtype=torch.bool
         )  # is_early_stop_heuristic_unsatisfied
         self._done = False
+
+    def snapshot(self) -> BeamSearch:
+        """A copy to restore if the step that follows is undone. Shallow is enough: step() never
+        changes a list or tensor of the state in place, it rebinds the attributes."""
+        return copy.copy(self)
 
     @property
     def done(self) -> bool:
@@ -226,3 +226,16 @@ class BeamSearch:
         n = self.params.num_return_sequences
         scores = self._finished_scores[0, :n].tolist()
         return [(list(self._finished[i]), float(scores[i])) for i in range(n)]
+
+
+def continuations(parents: Sequence[int], num_old: int) -> tuple[list[bool], list[int]]:
+    """How new rows continue old ones (new row i continues old row parents[i]): the first
+    continuation of an old row keeps its sequence and later ones fork it (forks[i] True); old rows
+    nobody continues are dropped. Returns (forks, dropped old rows). Shared by the Engine's beams
+    and PagedCache's reorder_cache, which both turn this into BlockManager forks and frees."""
+    seen: set[int] = set()
+    forks = []
+    for p in parents:
+        forks.append(p in seen)
+        seen.add(p)
+    return forks, [i for i in range(num_old) if i not in seen]

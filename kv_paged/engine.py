@@ -10,7 +10,6 @@ at the rows that sample. The scheduler (kv_paged/scheduler.py) decides the slice
 
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 from collections.abc import Iterable
@@ -167,7 +166,7 @@ class Engine:
                 Sequence(next(self._seq_ids), req, i, list(token_ids), make_generator(seed, i))
             )
         if beam_params is not None:
-            req.beam = BeamSearch(token_ids, beam_params, self.eos_token_ids)
+            req.beam = BeamSearch(beam_params, self.eos_token_ids)
             req.beams = [req.seqs[0]]
         self._requests[request_id] = req
         self._metrics.num_requests += 1
@@ -450,7 +449,8 @@ class Engine:
         # step is undone and its sequences recompute later. After it comes only bookkeeping.
         drawing = [s for s in row_seqs if not s.request.params.greedy]  # greedy rows draw nothing
         generator_states = [s.generator.get_state() for s in drawing]
-        beam_steps: list[tuple[Request, BeamSearch, list[int]]] = []
+        beam_undo: list[tuple[Request, BeamSearch]] = []  # searches as they were before this step
+        beam_steps: list[tuple[Request, list[int]]] = []
         t0 = time.perf_counter()
         try:
             logits = self.runner.forward(
@@ -491,11 +491,12 @@ class Engine:
             beam_logprobs = (
                 torch.log_softmax(logits[beam_index].float(), dim=-1) if beam_seqs else None
             )
-            beam_steps = self._select_beams(beam_seqs, beam_logprobs)  # last: it changes searches
+            # Last: it changes searches (beam_undo restores them).
+            beam_steps = self._select_beams(beam_seqs, beam_logprobs, beam_undo)
         except BaseException:
             for s, state in zip(drawing, generator_states):
                 s.generator.set_state(state)
-            for req, before, _ in beam_steps:
+            for req, before in beam_undo:
                 req.beam = before
             self.scheduler.requeue([e.seq for e in entries])
             raise
@@ -519,10 +520,6 @@ class Engine:
             seq.request.beam_rows[seq.seq_id] = row
             if seq.request.first_token_time is None:
                 seq.request.first_token_time = t1
-        for req, _, parents in beam_steps:
-            m.forks += self._advance_beams(req, parents)
-            if req.finished:
-                touched[req.request_id] = req
         for seq, token, stop_hit in zip(row_seqs, tokens, stop_hits):
             req = seq.request
             req.forked = True
@@ -555,60 +552,63 @@ class Engine:
                 for s in running
             ),
         )
+        # Last, as each can fail on its own (an interrupt fails that request alone): the beams of
+        # each search that stepped fork and free. A failure is raised once all are done, and this
+        # step's outputs are reported by the next step.
+        failure: BaseException | None = None
+        for req, parents in beam_steps:
+            try:
+                m.forks += self._advance_beams(req, parents)
+            except BaseException as e:
+                failure = failure or e
+            if req.finished:
+                touched[req.request_id] = req
+        if failure is not None:
+            self._pending_outputs.extend(r for r in touched.values() if r.finished)
+            raise failure
         return list(touched.values())
 
     def _select_beams(
-        self, seqs: list[Sequence], logprobs: torch.Tensor | None
-    ) -> list[tuple[Request, BeamSearch, list[int]]]:
+        self,
+        seqs: list[Sequence],
+        logprobs: torch.Tensor | None,
+        undo: list[tuple[Request, BeamSearch]],
+    ) -> list[tuple[Request, list[int]]]:
         """Runs a beam search step for each request whose live beams all have their next-token
         log-probabilities with this step's rows (seqs: the beam rows, logprobs [len(seqs), vocab]).
-        Returns (request, its search before the step, parents) per request stepped; changes only
-        request.beam, which the caller restores from `before` if the step is undone."""
+        Returns (request, parents) per request stepped. Changes only request.beam, after putting
+        its snapshot in `undo` (the caller's, so an interrupt here still finds it)."""
         new = {seq.seq_id: row for seq, row in zip(seqs, logprobs if seqs else [])}
         stepped = []
         for req in dict.fromkeys(seq.request for seq in seqs):
             rows = [new.get(s.seq_id, req.beam_rows.get(s.seq_id)) for s in req.beams]
             if any(row is None for row in rows):
                 continue  # some beams wait for the token budget or recompute after preemption
-            before = copy.deepcopy(req.beam)
-            stepped.append((req, before, req.beam.step(torch.stack(rows))))
+            undo.append((req, req.beam.snapshot()))
+            stepped.append((req, req.beam.step(torch.stack(rows))))
         return stepped
 
     def _advance_beams(self, req: Request, parents: list[int]) -> int:
         """After a beam search step: new beam i continues old beam parents[i] with the token the
-        search chose. A parent's first continuation keeps its sequence, later ones fork it (shared
-        blocks, copy-on-write); beams nobody continues are freed. Returns the forks made."""
-        old, forks = req.beams, 0
-        req.beam_rows.clear()
-        if req.beam.done:  # the search returns its hypotheses; every beam is freed
-            for seq in old:
-                self.scheduler.finish(seq, "beam")
-            req.beams = []
-            return 0
-        kept: dict[int, Sequence] = {}
-        new_beams: list[tuple[Sequence, int]] = []
-        for i, p in enumerate(parents):
-            parent, token = old[p], req.beam.running[i][-1]
-            if p not in kept:
-                kept[p] = parent
-                new_beams.append((parent, token))
-                continue
-            child = Sequence(
-                next(self._seq_ids),
-                req,
-                len(req.seqs),
-                list(parent.token_ids),
-                make_generator(req.seed, len(req.seqs)),
-            )
-            req.seqs.append(child)
-            self.scheduler.fork(parent, child)
-            new_beams.append((child, token))
-            forks += 1
-        pruned = [seq for p, seq in enumerate(old) if p not in kept]
-        for seq in pruned:
-            self.scheduler.finish(seq, "beam")
-        req.seqs = [s for s in req.seqs if s not in pruned]  # only live beams stay referenced
-        for seq, token in new_beams:
-            seq.token_ids.append(token)
-        req.beams = [seq for seq, _ in new_beams]
-        return forks
+        search chose (Scheduler.advance_beams forks and frees). Returns the forks made. An
+        interrupt in the middle fails this request alone (reported with `error`), never the
+        engine."""
+        tokens = [beam[-1] for beam in req.beam.running]
+        try:
+            return self.scheduler.advance_beams(req, parents, tokens, self._new_beam)
+        except BaseException as e:
+            req.error = f"request {req.request_id}: beam search step failed ({type(e).__name__})"
+            self.scheduler.abort_request(req)
+            self._pending_outputs.append(req)
+            raise
+
+    def _new_beam(self, parent: Sequence) -> Sequence:
+        """A Sequence for a beam forked from parent (same tokens so far, its own id)."""
+        req = parent.request
+        return Sequence(
+            next(self._seq_ids),
+            req,
+            len(req.seqs),
+            list(parent.token_ids),
+            make_generator(req.seed, len(req.seqs)),
+        )

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from kv_paged.beam_search import BeamSearch
+from kv_paged.beam_search import BeamSearch, continuations
+from kv_paged.cache import blocks_needed
 from kv_paged.sampling import SamplingParams
 
 
@@ -60,10 +62,6 @@ class Request:
         if self.beam is not None:
             return self.beam.params.beam_width
         return self.params.n if not self.forked else 1
-
-    def beams_ready(self) -> bool:
-        """Every live beam's next-token log-probabilities are in: the search can take a step."""
-        return bool(self.beams) and all(s.seq_id in self.beam_rows for s in self.beams)
 
 
 @dataclass(eq=False)
@@ -256,23 +254,22 @@ class Scheduler:
         for seq in self.running:
             live[seq.request] = live.get(seq.request, 0) + 1
         occupied = sum(max(n, req.max_seqs) for req, n in live.items())
+        held_back = preempted  # sequences that lost their blocks this step (none are re-admitted)
         if not entries and not preempted:
-            self._make_room_for_waiting()
-        while budget > 0 and not preempted:
+            preempted = self._make_room_for_waiting()
+        while budget > 0 and not held_back:
             seq = next((s for s in self.waiting if not s.idle), None)
             if seq is None:
                 break
             req = seq.request
-            width = req.max_seqs if req not in live else 1
+            have = live.get(req, 0)  # slots the request holds already: max(have, max_seqs)
+            width = max(have + 1, req.max_seqs) - (max(have, req.max_seqs) if have else 0)
             if occupied + width > self.max_num_seqs and self.running:
                 break
-            num_tokens = len(seq.token_ids)
-            needed = -(-num_tokens // self.bm.block_size)
-            if not self.bm.can_allocate(num_tokens) or (
-                self.running and self.bm.num_free_blocks - needed < self.watermark_blocks
-            ):
+            if not self._fits(seq):
                 break
             self.waiting.remove(seq)
+            num_tokens = len(seq.token_ids)
             cached = self.bm.allocate(seq.seq_id, seq.token_ids)
             self.prefix_queried_tokens += num_tokens
             self.prefix_hit_tokens += cached
@@ -282,7 +279,7 @@ class Scheduler:
             seq.num_in_manager = num_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            live[req] = live.get(req, 0) + 1
+            live[req] = have + 1
             occupied += width
             chunk = min(num_tokens - cached, budget)
             entries.append(ScheduledSeq(seq, cached, cached + chunk))
@@ -294,21 +291,55 @@ class Scheduler:
         copies = self.bm.take_copies()
         return ScheduledBatch(entries, slot_mapping, copies, prefill, len(decodes), preempted)
 
-    def _make_room_for_waiting(self) -> None:
+    def advance_beams(
+        self,
+        req: Request,
+        parents: list[int],
+        tokens: list[int],
+        new_beam: Callable[[Sequence], Sequence],
+    ) -> int:
+        """A beam search step of req: new beam i continues old beam parents[i] with tokens[i]. A
+        parent's first continuation keeps its sequence, later ones are new_beam(parent) forks
+        (shared blocks, copy-on-write); beams nobody continues are freed; once the search is done
+        (parents empty) every beam is. Returns the forks made."""
+        old = req.beams
+        req.beam_rows.clear()
+        forks, dropped = continuations(parents, len(old))
+        children = [new_beam(old[p]) if fork else None for p, fork in zip(parents, forks)]
+        for p, child in zip(parents, children):  # forks before frees: children share the blocks
+            if child is not None:
+                req.seqs.append(child)
+                self.fork(old[p], child)
+        for i in dropped:
+            self.finish(old[i], "beam")
+        new = [child or old[p] for p, child in zip(parents, children)]
+        if parents:  # keep the last beams referenced once done: the request reports from them
+            req.seqs = [s for s in req.seqs if s.status is not SeqStatus.FINISHED]
+        for seq, token in zip(new, tokens):
+            seq.token_ids.append(token)
+        req.beams = new
+        return sum(forks)
+
+    def _fits(self, seq: Sequence) -> bool:
+        """Whether admitting seq leaves the pool room: its blocks (prefix hits not counted) and,
+        while others run, the watermark that keeps fresh decodes from preempting at once."""
+        needed = blocks_needed(len(seq.token_ids), self.bm.block_size)
+        return self.bm.can_allocate(len(seq.token_ids)) and (
+            not self.running or self.bm.num_free_blocks - needed >= self.watermark_blocks
+        )
+
+    def _make_room_for_waiting(self) -> list[Sequence]:
         """Nothing was scheduled: every running sequence is an idle beam (computed, waiting for the
-        rest of its group), and they may hold the blocks the group's other beams need. Send idle
+        rest of its group), and they may hold the blocks the group's other beams need. Sends idle
         beams back, youngest first, until the first waiting sequence fits; their log-probabilities
-        are kept, so only their KV is recomputed if they continue."""
+        are kept, so only their KV is recomputed if they continue. Returns the ones sent back."""
         head = next((s for s in self.waiting if not s.idle), None)
-        if head is None:
-            return
-        needed = -(-len(head.token_ids) // self.bm.block_size)
         idle = [s for s in self.running if s.idle]
-        while idle and not (
-            self.bm.can_allocate(len(head.token_ids))
-            and self.bm.num_free_blocks - needed >= self.watermark_blocks
-        ):
-            self._preempt(idle.pop())
+        sent_back = []
+        while head is not None and idle and not self._fits(head):
+            sent_back.append(idle.pop())
+            self._preempt(sent_back[-1])
+        return sent_back
 
     def _append_preempting(
         self, decodes: list[Sequence]

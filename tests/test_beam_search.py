@@ -105,7 +105,7 @@ def hf_beam_search(model, prompt: torch.Tensor, p: BeamSearchParams, eos: list[i
 
 def run_replay(p, eos, prompt_len, scores) -> list[tuple[list[int], float]]:
     """Drive BeamSearch with generate's own log-probabilities (one row per running beam)."""
-    search = BeamSearch(list(range(prompt_len)), p, eos)
+    search = BeamSearch(p, eos)
     for step, lp in enumerate(scores):
         assert not search.done
         assert lp.shape[0] == p.beam_width
@@ -116,7 +116,7 @@ def run_replay(p, eos, prompt_len, scores) -> list[tuple[list[int], float]]:
 
 def run_model(model, prompt: list[int], p, eos) -> tuple[list[tuple[list[int], float]], int]:
     """The engine's view: one uncached forward per step on the batch of running beams."""
-    search = BeamSearch(prompt, p, eos)
+    search = BeamSearch(p, eos)
     steps = 0
     while not search.done:
         old = search.running
@@ -228,7 +228,7 @@ def test_params_accept_valid_values():
 
 def test_step_rejects_bad_logprobs():
     gen = torch.Generator().manual_seed(0)
-    search = BeamSearch([3, 4], BeamSearchParams(2, max_new_tokens=4), eos_token_ids=[5])
+    search = BeamSearch(BeamSearchParams(2, max_new_tokens=4), eos_token_ids=[5])
     lp = torch.log_softmax(torch.randn(1, 16, generator=gen), dim=-1)
     for bad in (lp.expand(2, 16), lp[0], lp.to(torch.int64), lp.tolist(), lp[:, :1]):
         with pytest.raises(ValueError, match="logprobs|vocab"):
@@ -240,14 +240,14 @@ def test_step_rejects_bad_logprobs():
         search.step(lp)
     # without eos transformers still keeps 2 * beam_width candidates: torch.topk needs that many
     with pytest.raises(ValueError, match="vocab"):
-        BeamSearch([3], BeamSearchParams(2, ignore_eos=True), [5]).step(torch.zeros(1, 1))
+        BeamSearch(BeamSearchParams(2, ignore_eos=True), [5]).step(torch.zeros(1, 1))
 
 
 def test_step_after_done_raises_and_eos_ids_validated():
-    search = BeamSearch([1], BeamSearchParams(2, max_new_tokens=1), eos_token_ids=[0])
+    search = BeamSearch(BeamSearchParams(2, max_new_tokens=1), eos_token_ids=[0])
     assert search.step(torch.log_softmax(torch.zeros(1, 8), dim=-1)) == []
     assert search.done and len(search.results()) == 1
     with pytest.raises(RuntimeError, match="done"):
         search.step(torch.zeros(0, 8))
     with pytest.raises(ValueError, match="eos_token_ids"):
-        BeamSearch([1], BeamSearchParams(2), eos_token_ids=[-1])
+        BeamSearch(BeamSearchParams(2), eos_token_ids=[-1])

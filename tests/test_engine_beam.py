@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_engine import BLOCK_SIZE, FailOnCall, check_freed, prompts, tiny_llama
+from test_engine import BLOCK_SIZE, FailOnCall, check_freed, hf_greedy, prompts, tiny_llama
 
 from kv_paged import BeamSearchParams, Engine, SamplingParams
 from kv_paged.integrations import hf
@@ -211,4 +211,88 @@ def test_abort_and_bad_requests(model):
         engine.beam_search([[1, 2]], SamplingParams())
     with pytest.raises(ValueError, match="beam_width"):
         BeamSearchParams(beam_width=0)
+    check_freed(engine)
+
+
+@pytest.mark.parametrize("num_blocks", [6, 8])
+def test_as_many_seq_slots_as_beams(model, eager, num_blocks):
+    """max_num_seqs == beam_width with a pool that sends beams back: a re-admitted beam takes a
+    slot its request already holds (a livelock when it was charged a second one)."""
+    p = prompts(210, [21])[0]
+    engine = Engine(
+        model,
+        num_blocks=num_blocks,
+        block_size=BLOCK_SIZE,
+        max_num_seqs=PARAMS.beam_width,
+        max_num_batched_tokens=3,
+    )
+    engine.add_request(p, PARAMS)
+    outs = []
+    for _ in range(1000):
+        if not engine.has_unfinished():
+            break
+        outs += [o for o in engine.step() if o.finished]
+    assert not engine.has_unfinished(), "the engine stopped making progress"
+    assert_beams_equal(outs, [hf_beams(eager, p, PARAMS, None)])
+    check_freed(engine)
+
+
+def test_interrupt_in_a_later_search_restores_the_earlier(model, eager, monkeypatch):
+    """Two requests' searches step in the same engine step; Ctrl-C in the second one's selection
+    must also undo the first one's (it already moved on)."""
+    import kv_paged.beam_search as beam_module
+
+    ps = prompts(270, [9, 9])
+    refs = [hf_beams(eager, p, PARAMS, None) for p in ps]
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE)
+    for i, p in enumerate(ps):
+        engine.add_request(p, PARAMS, request_id=str(i))
+    step, calls = beam_module.BeamSearch.step, [0]
+
+    def interrupt_fourth(self, logprobs):
+        calls[0] += 1
+        if calls[0] == 4:  # the second request's search, in the second step both take
+            raise KeyboardInterrupt
+        return step(self, logprobs)
+
+    monkeypatch.setattr(beam_module.BeamSearch, "step", interrupt_fourth)
+    finished, interrupts = {}, 0
+    while engine.has_unfinished():
+        try:
+            finished.update({o.request_id: o for o in engine.step() if o.finished})
+        except KeyboardInterrupt:
+            interrupts += 1
+    assert interrupts == 1
+    assert_beams_equal([finished["0"], finished["1"]], refs)
+    check_freed(engine)
+
+
+def test_interrupt_while_advancing_beams_fails_that_request_alone(model, eager, monkeypatch):
+    """Ctrl-C after a search stepped, while its beams fork and free: that request finishes with an
+    error (its blocks freed); the other request and the engine go on."""
+    ps = prompts(280, [12, 10])
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE)
+    engine.add_request(ps[0], PARAMS, request_id="beams")
+    engine.add_request(
+        ps[1], SamplingParams(max_new_tokens=6, temperature=0.0), request_id="greedy"
+    )
+    fork, calls = engine.scheduler.fork, [0]
+
+    def interrupt_third(parent, child):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return fork(parent, child)
+
+    monkeypatch.setattr(engine.scheduler, "fork", interrupt_third)
+    finished, interrupts = {}, 0
+    while engine.has_unfinished():
+        try:
+            finished.update({o.request_id: o for o in engine.step() if o.finished})
+        except KeyboardInterrupt:
+            interrupts += 1
+    assert interrupts == 1
+    assert finished["beams"].error and "beam search step failed" in finished["beams"].error
+    assert finished["greedy"].error is None
+    assert finished["greedy"].outputs[0].token_ids == hf_greedy(eager, ps[1], 6)
     check_freed(engine)

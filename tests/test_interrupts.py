@@ -180,3 +180,83 @@ def test_context_is_per_thread() -> None:
         thread.start()
         thread.join()
     assert seen == [None]
+
+
+# ---- PagedCache bookkeeping interrupted half way -------------------------------------------------
+
+
+class _InterruptOnCall:
+    """Wraps a BlockManager method; raises KeyboardInterrupt on its call-th call (1-based)."""
+
+    def __init__(self, fn, call: int) -> None:
+        self.fn, self.call, self.calls = fn, call, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.call:
+            raise KeyboardInterrupt
+        return self.fn(*args, **kwargs)
+
+
+def _assert_clean_after_reset(cache) -> None:
+    cache.reset()
+    cache.block_manager.check_invariants()
+    stats = cache.block_manager.stats()
+    assert stats["num_seqs"] == 0 and stats["blocks_in_use"] == 0, stats
+
+
+def test_interrupted_booking_breaks_the_cache_until_reset() -> None:
+    """Ctrl-C between two of a prefill's per-row appends: the BlockManager holds part of the step,
+    so the cache refuses work (never attends over a half-booked batch) until reset()."""
+    model = hf.tiny_model("llama")
+    cache = hf.PagedCache.for_model(model, num_blocks=64, block_size=BLOCK_SIZE)
+    with torch.no_grad():
+        model(_ids(2, 5, seed=70), **cache_kw(cache))
+        bm = cache.block_manager
+        bm.append_slot = _InterruptOnCall(bm.append_slot, call=4)  # row 2 of a 3-token chunk
+        with pytest.raises(KeyboardInterrupt):
+            model(_ids(2, 3, seed=71), **cache_kw(cache))
+        del bm.append_slot
+        with pytest.raises(RuntimeError, match="reset"):
+            model(_ids(2, 3, seed=71), **cache_kw(cache))
+    _assert_clean_after_reset(cache)
+
+
+def test_bad_token_ids_are_refused_before_booking() -> None:
+    model = hf.tiny_model("llama")
+    cache = hf.PagedCache.for_model(model, num_blocks=64, block_size=BLOCK_SIZE)
+    with torch.no_grad():
+        model(_ids(2, 5, seed=72), **cache_kw(cache))
+        before = cache.block_manager.stats()
+        for bad, match in [
+            (torch.tensor([[5, 6, 7], [1, 1 << 31, 3]]), r"\[0, 2\^31\)"),
+            (torch.tensor([[5, 6, 7], [1, -2, 3]]), r"\[0, 2\^31\)"),
+            (torch.ones(2, 3), "integer"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                model(bad, **cache_kw(cache))
+            assert cache.block_manager.stats() == before and cache.get_seq_length() == 5
+        model(_ids(2, 1, seed=73), **cache_kw(cache))  # still usable
+    with pytest.raises(ValueError, match=r"\[0, 2\^31\)"):
+        hf.PagedCache.for_model(model, num_blocks=8, block_size=4).add_prompts(
+            torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 4, -1]])
+        )
+
+
+@pytest.mark.parametrize("call", [1, 2])
+def test_interrupted_reorder_changes_nothing(call: int) -> None:
+    """Ctrl-C during reorder_cache's forks: the rows and the BlockManager are as before."""
+    model = hf.tiny_model("llama")
+    cache = hf.PagedCache.for_model(model, num_blocks=64, block_size=BLOCK_SIZE)
+    with torch.no_grad():
+        model(_ids(3, 6, seed=74), **cache_kw(cache))
+    before = (cache.seq_ids, cache.block_manager.stats())
+    bm = cache.block_manager
+    bm.fork = _InterruptOnCall(bm.fork, call=call)
+    with pytest.raises(KeyboardInterrupt):
+        cache.reorder_cache(torch.tensor([1, 1, 1]))  # two forks of row 1, rows 0 and 2 freed
+    del bm.fork
+    assert (cache.seq_ids, cache.block_manager.stats()) == before
+    cache.reorder_cache(torch.tensor([1, 1, 1]))
+    assert len(set(cache.seq_ids)) == 3
+    _assert_clean_after_reset(cache)

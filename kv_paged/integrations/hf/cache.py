@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import utils as generation_utils
 
@@ -35,6 +36,7 @@ __all__ = ["CACHE_KWARG", "PagedCache", "PagedLayer", "attach"]
 # `past_key_values` before (a deprecated alias there until 5.40 for forward, 6.0 for generate).
 CACHE_KWARGS = ("cache", "past_key_values")
 CACHE_KWARG = "cache" if "cache" in generation_utils.ALL_CACHE_NAMES else "past_key_values"
+ACCEPTED_CACHE_KWARGS = CACHE_KWARGS if CACHE_KWARG == "cache" else ("past_key_values",)
 
 
 class PagedLayer(CacheLayerMixin):
@@ -255,6 +257,10 @@ class PagedCache(Cache):
             self._batch = PaddedBatch(self.block_manager, first_seq_id=self._next_seq_id)
         try:
             meta = self._batch.begin_step(input_ids, attention_mask, device=self.pool.device)
+        except BaseException:
+            if self._batch.half_done:  # the BlockManager took some of the step's tokens
+                self._broken = "a forward's booking failed or was interrupted"
+            raise
         finally:
             self._next_seq_id = self._batch.next_seq_id
             if not self._batch.seq_ids:
@@ -273,30 +279,44 @@ class PagedCache(Cache):
 
 
 def _cache_argument(kwargs: dict) -> Any:
+    """The PagedCache passed to a forward, under the name(s) the installed transformers reads."""
     for name in CACHE_KWARGS:
-        if kwargs.get(name) is not None:
-            return kwargs[name]
+        cache = kwargs.get(name)
+        if isinstance(cache, PagedCache):
+            if name not in ACCEPTED_CACHE_KWARGS:  # the model would ignore it and go uncached
+                raise TypeError(
+                    f"transformers {transformers.__version__} takes the cache as "
+                    f"{CACHE_KWARG}=, not {name}="
+                )
+            return cache
     return None
 
 
-def _wrap_forward(module: torch.nn.Module) -> None:
-    """Replace module.forward by one that runs a PagedCache forward inside its forward context.
-    The wrapper holds the module weakly, so a wrapped model is freed as soon as it is dropped."""
-    instance_forward = module.__dict__.get("forward")  # another wrapper (accelerate hooks), or None
-    class_forward = type(module).forward
-    module_ref = weakref.ref(module)
-    signature = inspect.signature(module.forward)
+class _PagedForward:
+    """module.forward once attached: runs a forward given a PagedCache inside the cache's forward
+    context; any other call goes straight through. A callable object (not a closure) so that
+    copy.deepcopy and pickling of the module rebind it to the copy; it holds the module, a cycle
+    like accelerate's hooks make."""
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        target = module_ref()
-        call = instance_forward or functools.partial(class_forward, target)
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        # Another wrapper already there (accelerate's hooks) runs inside this one.
+        self.inner = module.__dict__.get("forward")
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # transformers inspects forward's parameters
+        return inspect.signature(self.inner or type(self.module).forward.__get__(self.module))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        call = self.inner or functools.partial(type(module).forward, module)
         cache = _cache_argument(kwargs)
-        if not isinstance(cache, PagedCache):
+        if cache is None:
             return call(*args, **kwargs)
         context = get_forward_context()
         if context is not None and context.owner is cache:
             return call(*args, **kwargs)  # the decoder inside the LM's forward: same step
-        impl = getattr(getattr(target, "config", None), "_attn_implementation", ATTN_NAME)
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", ATTN_NAME)
         if impl not in (ATTN_NAME, PAGED_ATTN_NAME):
             raise ValueError(
                 f"a PagedCache needs attn_implementation='{ATTN_NAME}', but the model uses '{impl}': "
@@ -306,19 +326,14 @@ def _wrap_forward(module: torch.nn.Module) -> None:
         with cache._forward(input_ids, kwargs.get("attention_mask")):
             return call(*args, **kwargs)
 
-    functools.update_wrapper(forward, class_forward)
-    forward.__signature__ = signature  # transformers inspects forward's parameters
-    module.forward = forward
-
 
 def attach(model: torch.nn.Module) -> None:
-    """Wrap model's forward (and its decoder's) so a PagedCache passed as `cache` /
-    `past_key_values` works. Idempotent."""
+    """Wrap model's forward (and its decoder's) so a PagedCache passed as the cache works.
+    Idempotent."""
     targets = [model]
     decoder = getattr(model, "model", None)
     if isinstance(decoder, torch.nn.Module):
         targets.append(decoder)
     for target in targets:
-        if not getattr(target, "_kv_paged_wrapped", False):
-            _wrap_forward(target)
-            target._kv_paged_wrapped = True
+        if not isinstance(target.__dict__.get("forward"), _PagedForward):
+            target.forward = _PagedForward(target)

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from kv_paged.beam_search import continuations
 from kv_paged.cache import AttentionMetadata, blocks_needed
 
 __all__ = ["PaddedBatch", "left_padding"]
@@ -45,6 +46,9 @@ class PaddedBatch:
         self.columns = 0  # padded input columns whose K/V is in the pool (or prefix-cached)
         self._pending: tuple[list[int], int] | None = None  # (kv lens, columns) after the step
         self._booked_only = False  # prompts booked by add_prompts, no forward run yet
+        self._orphans: list[int] = []  # sequences of dropped rows still to free
+        # begin_step changed the BlockManager but did not finish: the batch no longer matches it.
+        self.half_done = False
 
     @property
     def seq_ids(self) -> list[int]:
@@ -78,7 +82,9 @@ class PaddedBatch:
     def _admit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Book a sequence per row. A row equal to the one before it (generate's expansion of a
         prompt for beams or samples) forks it instead: one copy of the prompt's blocks, written once
-        (the fork's prompt slots are -1; its queries read what the first row writes)."""
+        (the fork's prompt slots are -1; its queries read what the first row writes). All rows or
+        none: on any failure the sequences booked so far are freed."""
+        _check_token_ids(input_ids)
         bsz, length = input_ids.shape
         pads = left_padding(attention_mask, bsz, length)
         prompts = [row[p:] for row, p in zip(input_ids.tolist(), pads)]
@@ -95,17 +101,21 @@ class PaddedBatch:
                 f"PagedCache out of blocks: the prompts need {need} blocks of {self.block_size} tokens, "
                 f"{free} of {self.block_manager.num_blocks} are free"
             )
-        for prompt, pad, repeat in zip(prompts, pads, repeats):
-            seq_id = self.next_seq_id
-            self.next_seq_id += 1
-            if repeat:
-                self.block_manager.fork(self.rows[-1].seq_id, seq_id)
-                written = len(prompt)
-            else:
-                written = self.block_manager.allocate(seq_id, prompt) if prompt else 0
-            self.rows.append(
-                _Row(seq_id=seq_id, pad=pad, tokens=list(prompt), written=int(written))
-            )
+        rows: list[_Row] = []
+        try:
+            for prompt, pad, repeat in zip(prompts, pads, repeats):
+                seq_id = self.next_seq_id
+                self.next_seq_id += 1
+                if repeat:
+                    self.block_manager.fork(rows[-1].seq_id, seq_id)
+                    written = len(prompt)
+                else:
+                    written = self.block_manager.allocate(seq_id, prompt) if prompt else 0
+                rows.append(_Row(seq_id=seq_id, pad=pad, tokens=list(prompt), written=int(written)))
+        except BaseException:
+            self._free_rows(rows)
+            raise
+        self.rows.extend(rows)
 
     def select(self, index: torch.Tensor | list[int], name: str, *, same_size: bool) -> None:
         """Row i becomes a continuation of old row index[i] (beam search's reorder, generate's
@@ -133,22 +143,34 @@ class PaddedBatch:
                 raise ValueError(
                     f"{name}: row {i} holds no tokens (an all-padding row) to continue"
                 )
-        kept: set[int] = set()
-        new_rows = []
-        for i in index:
-            parent = rows[i]
-            if i not in kept:
-                kept.add(i)
-                new_rows.append(parent)
-                continue
-            seq_id = self.next_seq_id
-            self.next_seq_id += 1
-            self.block_manager.fork(parent.seq_id, seq_id)
-            new_rows.append(dataclasses.replace(parent, seq_id=seq_id, tokens=list(parent.tokens)))
-        for i, row in enumerate(rows):
-            if i not in kept and self.block_manager.has_seq(row.seq_id):
-                self.block_manager.free(row.seq_id)
-        self.rows = new_rows
+        forks, dropped = continuations(index, len(rows))
+        children: list[_Row] = []
+        try:
+            for i, fork in zip(index, forks):
+                if fork:
+                    parent = rows[i]
+                    child = dataclasses.replace(
+                        parent, seq_id=self.next_seq_id, tokens=list(parent.tokens)
+                    )
+                    self.next_seq_id += 1
+                    self.block_manager.fork(parent.seq_id, child.seq_id)
+                    children.append(child)
+        except BaseException:  # nothing happened: the forks so far are undone
+            self._free_rows(children)
+            raise
+        forked = iter(children)
+        self.rows = [next(forked) if fork else rows[i] for i, fork in zip(index, forks)]
+        self._free_rows([rows[i] for i in dropped])
+
+    def _free_rows(self, rows: list[_Row]) -> None:
+        """Free rows' sequences. Those not freed yet wait in _orphans (free() finishes them), so
+        an interrupt here leaks nothing."""
+        self._orphans.extend(r.seq_id for r in rows)
+        while self._orphans:
+            seq_id = self._orphans[-1]
+            if self.block_manager.has_seq(seq_id):  # an all-padding row holds no sequence
+                self.block_manager.free(seq_id)
+            self._orphans.pop()
 
     def begin_step(
         self,
@@ -168,6 +190,7 @@ class PaddedBatch:
             )
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {_shape(input_ids)}")
+        _check_token_ids(input_ids)
         bsz, seq = input_ids.shape
         if attention_mask is not None and not (
             isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
@@ -233,6 +256,7 @@ class PaddedBatch:
             )
 
         slots: list[torch.Tensor] = []
+        self.half_done = True  # until _pending is set: a failure in between breaks the batch
         if all(len(new) == 1 and end - start == 1 for _, start, end, new in plans):  # decode
             slots.append(
                 self.block_manager.append_slots(self.seq_ids, [new[0] for *_, new in plans])
@@ -259,6 +283,7 @@ class PaddedBatch:
             index = [i * seq + seq - n + j for i, n in enumerate(query_lens) for j in range(n)]
             token_index = torch.tensor(index, dtype=torch.int64)
         self._pending = (kv_lens, c0 + seq)
+        self.half_done = False
         return AttentionMetadata.build(
             query_lens=query_lens,
             kv_lens=kv_lens,
@@ -286,9 +311,7 @@ class PaddedBatch:
 
     def free(self) -> None:
         """Release every row's sequence; computed full blocks stay in the prefix cache."""
-        for row in self.rows:
-            if self.block_manager.has_seq(row.seq_id):  # an all-padding row holds no sequence
-                self.block_manager.free(row.seq_id)
+        self._free_rows(self.rows)
         self.rows, self.columns, self._pending = [], 0, None
 
 
@@ -309,6 +332,21 @@ def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int) -
     if not torch.equal(mask, torch.arange(length, device=mask.device)[None, :] >= pads[:, None]):
         raise ValueError("attention_mask must be left padding only (each row 0...0 1...1)")
     return pads.tolist()
+
+
+def _check_token_ids(input_ids: torch.Tensor) -> None:
+    """input_ids: an integer tensor of token ids in [0, 2^31) (what the BlockManager stores)."""
+    if (
+        input_ids.dtype.is_floating_point
+        or input_ids.dtype.is_complex
+        or input_ids.dtype == torch.bool
+    ):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= 1 << 31):
+        raise ValueError(
+            f"input_ids must be token ids in [0, 2^31), got values in "
+            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+        )
 
 
 def _shape(x: object) -> object:
