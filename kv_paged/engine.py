@@ -143,7 +143,11 @@ class Engine:
                 f"add_request: SamplingParams.logprobs = {params.logprobs} exceeds the vocabulary "
                 f"({self.vocab_size} tokens)"
             )
-        request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
+        if request_id is None:  # never one a caller chose: skip ids in use
+            request_id = str(next(self._request_counter))
+            while request_id in self._requests:
+                request_id = str(next(self._request_counter))
+        request_id = str(request_id)
         if request_id in self._requests:
             raise ValueError(f"add_request: request_id {request_id!r} is already in use")
         if self._metrics is None or not self.has_unfinished():
@@ -253,16 +257,31 @@ class Engine:
                     touched[req.request_id] = req
         self._pending_outputs.clear()
         outputs = []
-        for r in touched.values():
-            finished = r.finished
-            if finished:
-                self._record_finished(r)
-            if finished or not final_only:
-                outputs.append(self._outputs.build(r))
-            if finished:
-                self._outputs.forget(r)
-                self._requests.pop(r.request_id, None)
+        pending = list(touched.values())
+        try:
+            while pending:
+                r = pending[0]
+                if r.finished or not final_only:
+                    outputs.append(self._build_output(r))
+                if r.finished:
+                    self._record_finished(r)
+                    self._outputs.forget(r)
+                    self._requests.pop(r.request_id, None)
+                pending.pop(0)
+        except BaseException:  # an interrupt: the next step reports what this one did not
+            self._pending_outputs.extend(r for r in pending if r.finished)
+            raise
         return outputs
+
+    def _build_output(self, req: Request) -> RequestOutput:
+        """The request's output; if building it fails (the tokenizer is user code), the request
+        finishes with that error instead of taking the step down with it."""
+        try:
+            return self._outputs.build(req)
+        except Exception as e:
+            req.error = f"request {req.request_id}: building its output failed: {e!r}"
+            self.scheduler.abort_request(req)
+            return self._outputs.build(req)
 
     def _record_finished(self, req: Request) -> None:
         req.finished_time = time.perf_counter()
@@ -388,20 +407,26 @@ class Engine:
                 raise ValueError(
                     f"add_request: a tensor prompt must be 1-D token ids, got shape {tuple(prompt.shape)}"
                 )
-            token_ids = [int(t) for t in prompt.tolist()]
+            if (
+                prompt.dtype.is_floating_point
+                or prompt.dtype.is_complex
+                or prompt.dtype == torch.bool
+            ):
+                raise ValueError(
+                    f"add_request: a tensor prompt must hold integer token ids, got dtype {prompt.dtype}"
+                )
+            token_ids = prompt.tolist()
         else:
             token_ids = list(prompt)
         if not token_ids:
             raise ValueError("add_request: prompt is empty (at least one token is needed)")
-        for t in token_ids:
-            if (
-                isinstance(t, bool)
-                or not isinstance(t, int)
-                or t < 0
-                or (self.vocab_size is not None and t >= self.vocab_size)
-            ):
+        for i, t in enumerate(token_ids):
+            if isinstance(t, bool) or isinstance(t, float) or not hasattr(t, "__index__"):
+                raise ValueError(f"add_request: prompt token {t!r} is not an integer token id")
+            t = token_ids[i] = t.__index__()  # numpy / torch integer scalars
+            if t < 0 or (self.vocab_size is not None and t >= self.vocab_size):
                 raise ValueError(
-                    f"add_request: prompt token {t!r} is not an int in [0, vocab_size={self.vocab_size})"
+                    f"add_request: prompt token {t} is not in [0, vocab_size={self.vocab_size})"
                 )
         return token_ids
 
@@ -451,6 +476,7 @@ class Engine:
         generator_states = [s.generator.get_state() for s in drawing]
         beam_undo: list[tuple[Request, BeamSearch]] = []  # searches as they were before this step
         beam_steps: list[tuple[Request, list[int]]] = []
+        failed: dict[Request, str] = {}
         t0 = time.perf_counter()
         try:
             logits = self.runner.forward(
@@ -461,6 +487,10 @@ class Engine:
                 batch.copies,
                 sampling_rows,
             )  # [len(sampling_rows), vocab]
+            failed = self._non_finite_requests(logits, entries, sampling_rows)
+            if failed:  # their rows are not sampled; the requests finish with an error below
+                row_index, row_seqs = _drop(failed, row_index, row_seqs)
+                beam_index, beam_seqs = _drop(failed, beam_index, beam_seqs)
             tokens = (
                 sample(
                     logits[row_index],
@@ -515,6 +545,10 @@ class Engine:
                 self.scheduler.fork(req.seqs[0], seq)
                 m.forks += 1
         touched: dict[str, Request] = {}
+        for req, why in failed.items():
+            req.error = why
+            self.scheduler.abort_request(req)
+            touched[req.request_id] = req
         t1 = time.perf_counter()
         for seq, row in zip(beam_seqs, beam_logprobs if beam_seqs else []):
             seq.request.beam_rows[seq.seq_id] = row
@@ -568,6 +602,24 @@ class Engine:
             raise failure
         return list(touched.values())
 
+    def _non_finite_requests(
+        self, logits: torch.Tensor, entries: list, sampling_rows: list[int]
+    ) -> dict[Request, str]:
+        """Requests whose logits row holds NaN or +inf, or no finite value (nothing to sample):
+        request -> why. logits: [len(sampling_rows), vocab]. One reduction (a row's max is NaN,
+        +inf or -inf exactly then) and one host sync."""
+        if logits.numel() == 0:
+            return {}
+        bad = ~torch.isfinite(logits.max(dim=-1).values)
+        failed = {}
+        for r in bad.nonzero().flatten().tolist():
+            req = entries[sampling_rows[r]].seq.request
+            failed[req] = (
+                f"request {req.request_id}: the model's logits hold NaN or inf (nothing to sample "
+                "from); the request was stopped"
+            )
+        return failed
+
     def _select_beams(
         self,
         seqs: list[Sequence],
@@ -612,3 +664,9 @@ class Engine:
             list(parent.token_ids),
             make_generator(req.seed, len(req.seqs)),
         )
+
+
+def _drop(failed: dict[Request, str], index: list[int], seqs: list[Sequence]):
+    """index, seqs without the rows of failed requests."""
+    kept = [(i, s) for i, s in zip(index, seqs) if s.request not in failed]
+    return [i for i, _ in kept], [s for _, s in kept]

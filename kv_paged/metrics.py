@@ -3,12 +3,18 @@
 Design decision: throughput follows vLLM's convention (tokens over the run's wall time, so prefill
 and decode rates add up to what a user sees), and the memory baseline is the contiguous
 reservation a max-length cache makes: each live sample reserves prompt + max_new_tokens slots.
+Memory stays bounded however long a run: the timeline is downsampled (peaks and means stay exact)
+and latency percentiles come from a fixed-size uniform sample of the requests.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
+
+MAX_TIMELINE_POINTS = 2048  # then every other point is dropped and the sampling stride doubles
+MAX_LATENCY_SAMPLES = 10_000  # per-request TTFT / TPOT kept for percentiles (reservoir sample)
 
 
 @dataclass
@@ -31,15 +37,25 @@ class EngineMetrics:
     cow_copies: int = 0
     forward_time: float = 0.0
     # Per finished request: seconds from add_request to its first token, and mean seconds per
-    # output token after the first (vLLM's TTFT and TPOT; TPOT only for requests of >= 2 tokens).
+    # output token after the first (vLLM's TTFT and TPOT; TPOT only for requests of >= 2 tokens):
+    # a uniform sample of at most MAX_LATENCY_SAMPLES of them, and exact sums and counts.
     ttft: list[float] = field(default_factory=list)
     tpot: list[float] = field(default_factory=list)
-    # Timeline, one point per step: seconds since start, blocks referenced (paged + shared), blocks
-    # a paged cache without sharing would hold, and slots a contiguous max-length reservation holds.
+    # Timeline, one point per `stride` steps: seconds since start, blocks referenced (paged +
+    # shared), blocks a paged cache without sharing would hold, and slots a contiguous max-length
+    # reservation holds.
     t: list[float] = field(default_factory=list)
     blocks_in_use: list[int] = field(default_factory=list)
     blocks_unshared: list[int] = field(default_factory=list)
     contiguous_tokens: list[int] = field(default_factory=list)
+    stride: int = 1
+    # Exact over every step: counts, sums and peaks of the timeline's series.
+    _records: int = 0
+    _sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    _peaks: list[int] = field(default_factory=lambda: [0, 0, 0])
+    _latency: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # sums, counts
+    _rng: random.Random = field(default_factory=lambda: random.Random(0))
+    _last_t: float = 0.0
 
     def record(
         self, t: float, blocks_in_use: int, blocks_unshared: int, contiguous_tokens: int
@@ -48,29 +64,57 @@ class EngineMetrics:
             raise AssertionError(
                 f"blocks in use {blocks_in_use} exceed the pool of {self.num_blocks}"
             )
+        values = (blocks_in_use, blocks_unshared, contiguous_tokens)
+        for i, v in enumerate(values):
+            self._sums[i] += v
+            self._peaks[i] = max(self._peaks[i], v)
+        self._records += 1
+        self._last_t = t
+        if (self._records - 1) % self.stride:
+            return
         self.t.append(t)
         self.blocks_in_use.append(blocks_in_use)
         self.blocks_unshared.append(blocks_unshared)
         self.contiguous_tokens.append(contiguous_tokens)
+        if len(self.t) > MAX_TIMELINE_POINTS:
+            for series in (
+                self.t,
+                self.blocks_in_use,
+                self.blocks_unshared,
+                self.contiguous_tokens,
+            ):
+                del series[1::2]
+            self.stride *= 2
 
     def record_request(self, ttft: float, decode_time: float, num_tokens: int) -> None:
-        self.ttft.append(ttft)
+        self._keep(self.ttft, ttft, 0)
         if num_tokens >= 2:
-            self.tpot.append(decode_time / (num_tokens - 1))
+            self._keep(self.tpot, decode_time / (num_tokens - 1), 1)
+
+    def _keep(self, sample: list[float], value: float, which: int) -> None:
+        """Adds value to the exact sum and to the uniform sample (reservoir sampling)."""
+        self._latency[which] += value
+        self._latency[2 + which] += 1
+        seen = int(self._latency[2 + which])
+        if len(sample) < MAX_LATENCY_SAMPLES:
+            sample.append(value)
+        else:
+            slot = self._rng.randrange(seen)
+            if slot < MAX_LATENCY_SAMPLES:
+                sample[slot] = value
 
     @property
     def elapsed(self) -> float:
         return max(
-            (self.end if self.end is not None else (self.start + (self.t[-1] if self.t else 0.0)))
-            - self.start,
+            (self.end if self.end is not None else self.start + self._last_t) - self.start,
             1e-9,
         )
 
     def summary(self) -> dict[str, float]:
-        peak = max(self.blocks_in_use, default=0)
-        peak_unshared = max(self.blocks_unshared, default=0)
-        peak_contig = max(self.contiguous_tokens, default=0) / self.block_size
-        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+        peak, peak_unshared, peak_contig_tokens = self._peaks
+        peak_contig = peak_contig_tokens / self.block_size
+        steps = max(self._records, 1)
+        ttft_sum, tpot_sum, ttft_n, tpot_n = self._latency
         return {
             "requests": self.num_finished,
             "steps": self.steps,
@@ -83,14 +127,14 @@ class EngineMetrics:
             "peak_blocks_paged_shared": peak,
             "peak_blocks_paged_unshared": peak_unshared,
             "peak_blocks_contiguous": peak_contig,
-            "mean_blocks_paged_shared": mean(self.blocks_in_use),
-            "mean_blocks_contiguous": mean(self.contiguous_tokens) / self.block_size,
+            "mean_blocks_paged_shared": self._sums[0] / steps,
+            "mean_blocks_contiguous": self._sums[2] / steps / self.block_size,
             "prefix_hit_rate": self.prefix_hit_tokens / self.prefix_queried_tokens
             if self.prefix_queried_tokens
             else 0.0,
-            "ttft_mean_s": mean(self.ttft),
+            "ttft_mean_s": ttft_sum / ttft_n if ttft_n else 0.0,
             "ttft_p99_s": _percentile(self.ttft, 0.99),
-            "tpot_mean_s": mean(self.tpot),
+            "tpot_mean_s": tpot_sum / tpot_n if tpot_n else 0.0,
             "preemptions": self.preemptions,
             "forks": self.forks,
             "cow_copies": self.cow_copies,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 _SEED_MASK = (1 << 63) - 1
+SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 
 
 @dataclass
@@ -20,7 +21,8 @@ class SamplingParams:
     """How to generate one request (the vLLM names and meanings).
 
     max_new_tokens: tokens to generate per sample (>= 1).
-    temperature: 0 = greedy (argmax); > 0 divides the logits before softmax.
+    temperature: 0 = greedy (argmax); > 0 divides the logits before softmax. Below SAMPLING_EPS
+      (1e-5) it is greedy too, as in vLLM: dividing by it overflows to a one-hot distribution.
     top_p: nucleus sampling, keep the smallest set of tokens whose probability reaches top_p (1 = off).
     top_k: keep the k most likely tokens (None, 0 or -1 = off).
     n: independent samples of the same prompt; they share the prompt's KV blocks (copy-on-write).
@@ -58,9 +60,13 @@ class SamplingParams:
             raise ValueError(
                 f"SamplingParams: max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"
             )
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0.0:
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not 0.0 <= self.temperature < float("inf")
+        ):
             raise ValueError(
-                f"SamplingParams: temperature must be a number >= 0, got {self.temperature!r}"
+                f"SamplingParams: temperature must be a finite number >= 0, got {self.temperature!r}"
             )
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams: top_p must be in (0, 1], got {self.top_p!r}")
@@ -103,7 +109,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     def stop_set(self, eos_token_ids: Sequence[int] = ()) -> frozenset[int]:
         return self._stop_set if self.ignore_eos else self._stop_set | frozenset(eos_token_ids)
