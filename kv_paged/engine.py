@@ -261,6 +261,8 @@ class Engine:
         try:
             while pending:
                 r = pending[0]
+                if r.finished and r.finished_time is None:
+                    r.finished_time = time.perf_counter()
                 if r.finished or not final_only:
                     outputs.append(self._build_output(r))
                 if r.finished:
@@ -284,7 +286,7 @@ class Engine:
             return self._outputs.build(req)
 
     def _record_finished(self, req: Request) -> None:
-        req.finished_time = time.perf_counter()
+        """Metrics of a finished request, once its output is built (req.finished_time is set)."""
         self._metrics.num_finished += 1
         aborted = any(s.finish_reason == "abort" for s in req.seqs)
         if req.error is None and req.first_token_time is not None and not aborted:
