@@ -184,6 +184,7 @@ int64_t BlockManager::allocate(int64_t seq_id, const std::vector<int64_t>& token
   Sequence seq;
   seq.tokens = std::move(tokens);
   seq.extra_id = extra_id;
+  acquire_extra(extra_id);
   seq.block_table.reserve(static_cast<size_t>(num_hits + new_blocks));
   for (int32_t b : match.blocks) {
     acquire(b);  // revive before taking new blocks so eviction cannot pick a hit
@@ -342,6 +343,7 @@ void BlockManager::fork(int64_t parent_seq_id, int64_t child_seq_id) {
   }
   Sequence child = parent;
   for (int32_t b : child.block_table) acquire(b);
+  acquire_extra(child.extra_id);
   seqs_.emplace(child_seq_id, std::move(child));
 }
 
@@ -350,6 +352,7 @@ void BlockManager::free(int64_t seq_id) {
   if (it == seqs_.end()) throw std::invalid_argument(cat("free: unknown seq_id ", seq_id));
   const std::vector<int32_t>& table = it->second.block_table;
   for (auto b = table.rbegin(); b != table.rend(); ++b) release(*b);  // tails evicted first
+  release_extra(it->second.extra_id);
   seqs_.erase(it);
 }
 
@@ -393,6 +396,7 @@ BlockManagerStats BlockManager::stats() const {
   s.cached_blocks = static_cast<int64_t>(cache_.size());
   s.pending_copies = static_cast<int64_t>(pending_copies_.size());
   s.num_seqs = static_cast<int64_t>(seqs_.size());
+  s.extra_keys = static_cast<int64_t>(extra_ids_.size());
   return s;
 }
 
@@ -401,7 +405,9 @@ void BlockManager::check_invariants() const {
     throw std::logic_error("BlockManager invariant: " + msg);
   };
   std::vector<int32_t> refs(blocks_.size(), 0);
+  std::vector<int64_t> extra_refs(extra_refs_.size(), 0);
   for (const auto& [id, seq] : seqs_) {
+    extra_refs[seq.extra_id] += seq.extra_id != 0;
     const int64_t len = static_cast<int64_t>(seq.tokens.size());
     if (static_cast<int64_t>(seq.block_table.size()) != ceil_div(len, block_size_)) {
       fail(cat("seq ", id, " has ", seq.block_table.size(), " blocks for ", len, " tokens"));
@@ -419,6 +425,7 @@ void BlockManager::check_invariants() const {
       if (blk.list != want) fail(cat("unreferenced block ", b, " is in the wrong list"));
     }
     if (blk.cached) {
+      extra_refs[blk.extra_id] += blk.extra_id != 0;
       auto it = cache_.find(blk.hash);
       if (it == cache_.end() || it->second != static_cast<int32_t>(b)) {
         fail(cat("cached block ", b, " is not in the cache map"));
@@ -430,6 +437,19 @@ void BlockManager::check_invariants() const {
   for (int32_t b = evictable_list_.head; b != kNoBlock; b = blocks_[b].next) evictable += 1;
   int64_t reserved = 0;  // unreferenced CoW sources awaiting take_copies()
   for (const Block& blk : blocks_) reserved += blk.ref_count == 0 && blk.copy_pending;
+  for (size_t id = 1; id < extra_refs.size(); ++id) {
+    if (extra_refs[id] != extra_refs_[id]) {
+      fail(cat("extra key ", id, " has ", extra_refs_[id], " holders, counted ", extra_refs[id]));
+    }
+    auto it = extra_ids_.find(extra_keys_[id]);
+    const bool interned = it != extra_ids_.end() && it->second == static_cast<int32_t>(id);
+    if ((extra_refs[id] > 0) != interned) {
+      fail(cat("extra key ", id, (interned ? " is interned but unused" : " is used but forgotten")));
+    }
+  }
+  if (extra_ids_.size() + free_extra_ids_.size() + 1 != extra_refs_.size()) {
+    fail("extra key table and free ids out of sync");
+  }
   if (in_use != num_in_use_ || free_count != num_free_ || evictable != num_evictable_) {
     fail("list or in-use counters out of sync");
   }

@@ -110,6 +110,7 @@ void BlockManager::register_computed_blocks(Sequence& seq) {
     blk.parent = parent;
     blk.parent_generation = parent == kNoBlock ? 0 : blocks_[parent].generation;
     blk.extra_id = seq.extra_id;
+    acquire_extra(blk.extra_id);
     std::copy(tokens, tokens + block_size_, block_tokens_.begin() + b * block_size_);
     cache_.emplace(h, b);
   }
@@ -118,10 +119,33 @@ void BlockManager::register_computed_blocks(Sequence& seq) {
 int32_t BlockManager::intern_extra_key(const std::string& key) {
   auto it = extra_ids_.find(key);
   if (it != extra_ids_.end()) return it->second;
-  const int32_t id = static_cast<int32_t>(extra_hashes_.size());
+  int32_t id;
+  if (!free_extra_ids_.empty()) {
+    id = free_extra_ids_.back();
+    free_extra_ids_.pop_back();
+    extra_hashes_[id] = string_hash(key);
+    extra_keys_[id] = key;
+  } else {
+    id = static_cast<int32_t>(extra_hashes_.size());
+    extra_hashes_.push_back(string_hash(key));
+    extra_keys_.push_back(key);
+    extra_refs_.push_back(0);
+  }
   extra_ids_.emplace(key, id);
-  extra_hashes_.push_back(string_hash(key));
   return id;
+}
+
+void BlockManager::acquire_extra(int32_t id) {
+  if (id != 0) extra_refs_[id] += 1;
+}
+
+void BlockManager::release_extra(int32_t id) {
+  if (id == 0 || --extra_refs_[id] > 0) return;
+  extra_ids_.erase(extra_keys_[id]);
+  extra_keys_[id].clear();
+  extra_keys_[id].shrink_to_fit();
+  extra_hashes_[id] = 0;
+  free_extra_ids_.push_back(id);
 }
 
 // Bumping the generation orphans the block's cached children: verify() rejects them from now on.
@@ -132,6 +156,8 @@ void BlockManager::uncache(int32_t b) {
   blk.cached = false;
   blk.generation += 1;
   blk.parent = kNoBlock;
+  release_extra(blk.extra_id);
+  blk.extra_id = 0;
   if (blk.list == ListId::kEvictable) {
     list_remove(b);
     list_push_back(b, ListId::kFree);

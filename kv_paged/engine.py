@@ -114,14 +114,21 @@ class Engine:
         prompt: str | Seq[int],
         params: SamplingParams | BeamSearchParams | None = None,
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> str:
         """Queues a request; returns its id. A request that can never fit is reported by the next
         step() as finished with `error` set (the others are unaffected).
 
         params: SamplingParams (sampling / greedy, n samples) or BeamSearchParams (beam search,
         as transformers' generate(num_beams=...); its output is reported once, when finished).
+        cache_salt: the request's prefix-cache tenant (vLLM's cache_salt): it shares cached KV
+        blocks only with requests of the same salt. Without one, every request can hit every
+        other's cached prefixes, and its num_cached_tokens tells whether another request sent
+        the same leading blocks (a timing-free way to test a guess of another user's prompt).
         """
         self._check_open("add_request")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise TypeError(f"add_request: cache_salt must be a str or None, got {cache_salt!r}")
         params = params if params is not None else SamplingParams()
         beam_params = params if isinstance(params, BeamSearchParams) else None
         if beam_params is not None:  # the scheduler's view: one greedy sequence per beam
@@ -163,6 +170,7 @@ class Engine:
             arrival=len(self._requests),
             stop_ids=params.stop_set(self.eos_token_ids),
             arrival_time=time.perf_counter(),
+            cache_salt=cache_salt,
         )
         req.forked = params.n == 1
         for i in range(params.n):
@@ -304,6 +312,7 @@ class Engine:
         | Seq[SamplingParams | BeamSearchParams]
         | None = None,
         use_tqdm: bool = True,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
         """Generates every prompt to completion; outputs in prompt order. Metrics: self.metrics().
 
@@ -311,6 +320,7 @@ class Engine:
           prompt on its own (a string, a flat token-id list, a 1-D tensor) is a list of one.
         params: one SamplingParams or BeamSearchParams for all, or one per prompt; None =
           SamplingParams().
+        cache_salt: the prefix-cache tenant of these requests (see add_request).
         """
         if isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1):
             prompts = [prompts]
@@ -336,7 +346,7 @@ class Engine:
         bar = None
         try:
             for p, sp in zip(prompts, params_list):
-                ids.append(self.add_request(p, sp))
+                ids.append(self.add_request(p, sp, cache_salt=cache_salt))
             wanted = set(ids)
             bar = progress_bar(len(ids), use_tqdm)
             while self.has_unfinished():

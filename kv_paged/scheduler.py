@@ -37,6 +37,7 @@ class Request:
     stop_ids: frozenset[int]
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False  # n > 1: children exist once the prompt is computed
+    cache_salt: str | None = None  # prefix-cache tenant: the BlockManager's extra_key
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     # time.perf_counter() stamps: added, first token of any sample sampled, last sample finished.
@@ -270,7 +271,7 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             num_tokens = len(seq.token_ids)
-            cached = self.bm.allocate(seq.seq_id, seq.token_ids)
+            cached = self.bm.allocate(seq.seq_id, seq.token_ids, extra_key=req.cache_salt)
             self.prefix_queried_tokens += num_tokens
             self.prefix_hit_tokens += cached
             if seq.num_preemptions == 0 and seq.index == 0:

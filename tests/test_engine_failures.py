@@ -165,3 +165,24 @@ def test_metrics_memory_is_bounded():
     assert len(m.ttft) == len(m.tpot) == MAX_LATENCY_SAMPLES
     n = MAX_LATENCY_SAMPLES + 500
     assert s is not m.summary() and m.summary()["ttft_mean_s"] == pytest.approx((n - 1) / 2)
+
+
+def test_cache_salt_separates_tenants(model):
+    """Requests share cached prefixes only within one cache_salt; without salts, num_cached_tokens
+    tells a user that someone sent the same leading blocks."""
+    p = prompts(340, [40])[0]
+    engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE)
+    first = engine.generate([p], greedy(), use_tqdm=False, cache_salt="alice")[0]
+    other = engine.generate([p], greedy(), use_tqdm=False, cache_salt="bob")[0]
+    same = engine.generate([p], greedy(), use_tqdm=False, cache_salt="alice")[0]
+    unsalted = engine.generate([p], greedy(), use_tqdm=False)[0]
+    unsalted2 = engine.generate([p], greedy(), use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0 and other.num_cached_tokens == 0
+    # 40 tokens = 5 full blocks of 8; a fully cached prompt recomputes its last block.
+    assert same.num_cached_tokens == 32
+    assert unsalted.num_cached_tokens == 0 and unsalted2.num_cached_tokens > 0
+    assert first.token_ids == other.token_ids == same.token_ids == unsalted.token_ids
+    assert engine.block_manager.stats()["extra_keys"] <= 2  # alice, bob: held by cached blocks
+    with pytest.raises(TypeError, match="cache_salt"):
+        engine.add_request(p, greedy(), cache_salt=7)
+    check_freed(engine)

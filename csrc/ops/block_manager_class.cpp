@@ -120,6 +120,7 @@ struct BlockManagerClass : torch::CustomClassHolder {
     d.insert("cached_blocks", s.cached_blocks);
     d.insert("pending_copies", s.pending_copies);
     d.insert("num_seqs", s.num_seqs);
+    d.insert("extra_keys", s.extra_keys);
     return d;
   }
 };

@@ -311,3 +311,32 @@ TEST(BlockManager, BlockTablesAndSeqLensArePaddedRows) {
   EXPECT_EQ(bm.max_num_blocks({1, 2}), 2);
   EXPECT_THROW(bm.block_tables({1}, 1, out.data()), std::invalid_argument);
 }
+
+TEST(BlockManager, ExtraKeysAreForgottenWhenNothingHoldsThem) {
+  // Per-request cache salts: the key table holds only keys of live sequences or cached blocks,
+  // however many distinct keys come and go; a held key still separates tenants.
+  BlockManager bm(8, 2);
+  for (int i = 0; i < 1000; ++i) {
+    const std::string salt = "tenant-" + std::to_string(i);
+    bm.allocate(i, {1, 2, 3}, &salt);
+    bm.mark_computed({i}, {3});  // caches block {1, 2} under this salt
+    bm.free(i);
+    bm.check_invariants();
+    ASSERT_LE(bm.stats().extra_keys, 8) << "after " << i + 1 << " tenants";  // <= cached blocks
+  }
+  const std::string a = "a", b = "b";
+  bm.allocate(2000, {5, 6, 7}, &a);
+  bm.mark_computed({2000}, {3});
+  bm.fork(2000, 2001);
+  bm.free(2000);
+  EXPECT_EQ(bm.allocate(2002, {5, 6, 7}, &b), 0);  // other salt: no hit
+  EXPECT_EQ(bm.allocate(2003, {5, 6, 7}, &a), 2);  // same salt: hit, the key is still held
+  bm.free(2001);
+  bm.free(2002);
+  bm.free(2003);
+  bm.check_invariants();
+  // Evicting every cached block releases the last holders.
+  for (int i = 0; i < 8; ++i) bm.allocate(3000 + i, {9, 9});
+  EXPECT_EQ(bm.stats().extra_keys, 0);
+  bm.check_invariants();
+}

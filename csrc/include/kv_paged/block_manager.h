@@ -35,6 +35,7 @@ struct BlockManagerStats {
   int64_t cached_blocks = 0;          // blocks in the prefix-cache map (in use or evictable)
   int64_t pending_copies = 0;         // CoW pairs not yet drained by take_copies()
   int64_t num_seqs = 0;
+  int64_t extra_keys = 0;  // distinct extra keys held by live sequences or cached blocks
 };
 
 class BlockManager {
@@ -159,6 +160,10 @@ class BlockManager {
   PrefixMatch match_prefix(const std::vector<int32_t>& tokens, int32_t extra_id) const;
   void register_computed_blocks(Sequence& seq);
   int32_t intern_extra_key(const std::string& key);  // mutates: call only after validation
+  // An extra key id is held by each live sequence and cached block that carries it; the last
+  // release forgets the key, so the table stays as small as what uses it.
+  void acquire_extra(int32_t id);
+  void release_extra(int32_t id);
   void uncache(int32_t b);  // out of the cache map; an evictable block moves to the free list
 
   // ---- validation helpers ----
@@ -183,7 +188,10 @@ class BlockManager {
   std::unordered_map<uint64_t, int32_t> cache_;  // chained hash -> block
   std::unordered_map<int64_t, Sequence> seqs_;
   std::unordered_map<std::string, int32_t> extra_ids_;  // 0 = no extra key
-  std::vector<uint64_t> extra_hashes_{0};
+  std::vector<uint64_t> extra_hashes_{0};                // id -> hash of its key
+  std::vector<std::string> extra_keys_{""};              // id -> key
+  std::vector<int64_t> extra_refs_{0};                   // id -> holders (sequences + blocks)
+  std::vector<int32_t> free_extra_ids_;                  // forgotten ids, reused first
   std::vector<std::pair<int32_t, int32_t>> pending_copies_;
   uint64_t batch_stamp_ = 0;
   std::vector<Sequence*> batch_seqs_;  // scratch of append_slots, reused across calls
