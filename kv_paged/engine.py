@@ -399,7 +399,8 @@ class Engine:
 
     def reset_metrics(self) -> None:
         """Starts a new metrics run (generate() does this itself)."""
-        self._prefix_base = (self.scheduler.prefix_queried_tokens, self.scheduler.prefix_hit_tokens)
+        stats = self.block_manager.stats()  # the one home of the prefix-cache counters
+        self._prefix_base = (stats["prefix_queried_tokens"], stats["prefix_hit_tokens"])
         self._metrics = EngineMetrics(
             num_blocks=self.num_blocks,
             block_size=self.block_size,
@@ -465,7 +466,6 @@ class Engine:
         m = self._metrics
         m.preemptions += len(batch.preempted)
         entries = batch.entries
-        seq_ids = [e.seq.seq_id for e in entries]
         sampling_rows = [i for i, e in enumerate(entries) if e.samples]
         # Rows to sample: one per sequence, except an unforked n > 1 request, which samples all n
         # of its sequences from the prompt's logits row (each with its own generator).
@@ -495,7 +495,7 @@ class Engine:
                 [e.seq.token_ids[e.start : e.end] for e in entries],
                 [e.start for e in entries],
                 batch.slot_mapping,
-                self.block_manager.block_tables(seq_ids),
+                batch.block_tables,
                 batch.copies,
                 sampling_rows,
             )  # [len(sampling_rows), vocab]
@@ -542,9 +542,7 @@ class Engine:
                 req.beam = before
             self.scheduler.requeue([e.seq for e in entries])
             raise
-        self.block_manager.mark_computed(seq_ids, [e.end for e in entries])
-        for e in entries:
-            e.seq.num_computed = e.end
+        self.scheduler.mark_computed(batch)
         for j, entry in zip(want, logprobs):
             seq = row_seqs[j]
             seq.logprobs.append(entry)
@@ -580,8 +578,9 @@ class Engine:
                 self.scheduler.finish(seq, "length")
 
         m.steps += 1
-        m.prefix_queried_tokens = self.scheduler.prefix_queried_tokens - self._prefix_base[0]
-        m.prefix_hit_tokens = self.scheduler.prefix_hit_tokens - self._prefix_base[1]
+        stats = self.block_manager.stats()
+        m.prefix_queried_tokens = stats["prefix_queried_tokens"] - self._prefix_base[0]
+        m.prefix_hit_tokens = stats["prefix_hit_tokens"] - self._prefix_base[1]
         m.prefill_tokens += batch.num_prefill_tokens
         m.decode_tokens += batch.num_decode_tokens
         m.generated_tokens += len(tokens) + len(beam_seqs)
@@ -591,7 +590,7 @@ class Engine:
         bs = self.block_size
         m.record(
             t=t1 - m.start,
-            blocks_in_use=self.block_manager.stats()["blocks_in_use"],
+            blocks_in_use=stats["blocks_in_use"],
             blocks_unshared=sum(-(-s.num_in_manager // bs) for s in running),
             contiguous_tokens=sum(
                 min(s.prompt_len + s.request.params.max_new_tokens, self.max_model_len)

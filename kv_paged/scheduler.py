@@ -118,6 +118,7 @@ class ScheduledSeq:
 class ScheduledBatch:
     entries: list[ScheduledSeq]  # decode rows first, then prefill chunks
     slot_mapping: torch.Tensor  # int64 [T]: every entry's new positions' slots, in entry order
+    block_tables: torch.Tensor  # int32 [len(entries), max_blocks], padded with -1
     copies: torch.Tensor  # int64 [n, 2] copy-on-write (src, dst) block pairs to apply first
     num_prefill_tokens: int
     num_decode_tokens: int
@@ -138,8 +139,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.num_preemptions = 0
-        self.prefix_queried_tokens = 0
-        self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -272,8 +271,6 @@ class Scheduler:
             self.waiting.remove(seq)
             num_tokens = len(seq.token_ids)
             cached = self.bm.allocate(seq.seq_id, seq.token_ids, extra_key=req.cache_salt)
-            self.prefix_queried_tokens += num_tokens
-            self.prefix_hit_tokens += cached
             if seq.num_preemptions == 0 and seq.index == 0:
                 req.num_cached_tokens = cached
             seq.num_computed = cached
@@ -290,7 +287,18 @@ class Scheduler:
 
         slot_mapping = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.int64)
         copies = self.bm.take_copies()
-        return ScheduledBatch(entries, slot_mapping, copies, prefill, len(decodes), preempted)
+        tables = self.bm.block_tables([e.seq.seq_id for e in entries]) if entries else None
+        return ScheduledBatch(
+            entries, slot_mapping, tables, copies, prefill, len(decodes), preempted
+        )
+
+    def mark_computed(self, batch: ScheduledBatch) -> None:
+        """The batch's forward succeeded: every entry's tokens up to its end have their K/V in the
+        pool (the BlockManager may now serve its full blocks to later prompts)."""
+        entries = batch.entries
+        self.bm.mark_computed([e.seq.seq_id for e in entries], [e.end for e in entries])
+        for e in entries:
+            e.seq.num_computed = e.end
 
     def advance_beams(
         self,
