@@ -9,12 +9,14 @@ file is keyed by the wheel's version, any other .gguf by its name, size and mtim
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -66,6 +68,7 @@ def cached(key: str, build: Callable[[Path], None]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
     try:
+        os.chmod(tmp, 0o755)
         build(tmp)
         try:
             os.rename(tmp, final)
@@ -95,6 +98,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
         raise ModelUnavailable(
             f"reading {path.name} needs {' and '.join(missing)} (`pip install {' '.join(missing)}`)"
         )
+    print(f"converting {path.name} to float32 safetensors in {out.parent} (once)", file=sys.stderr)
     kw = {"gguf_file": path.name, "local_files_only": True}
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kw)
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -109,6 +113,18 @@ def _convert_gguf(path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    logging = transformers.utils.logging
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 def load_pretrained(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[transformers.PreTrainedModel, object | None]:
@@ -120,9 +136,10 @@ def load_pretrained(
         path = cached(_gguf_key(path), lambda out: _convert_gguf(path, out))
     elif not path.is_dir():
         raise FileNotFoundError(f"{path} is neither a checkpoint directory nor a .gguf file")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True
-    )
+    with _quiet_progress():  # a cached load takes a second: no progress bar
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True
+        )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError):  # a checkpoint without a tokenizer runs on token ids
