@@ -224,6 +224,21 @@ void BlockManager::mark_computed(const std::vector<int64_t>& seq_ids,
   }
 }
 
+void BlockManager::forget_computed(int64_t seq_id, int64_t num_tokens) {
+  Sequence& seq = seq_or_throw(seq_id, "forget_computed");
+  const int64_t len = static_cast<int64_t>(seq.tokens.size());
+  if (num_tokens < 0 || num_tokens > len) {
+    throw std::invalid_argument(cat("forget_computed: num_tokens ", num_tokens, " for seq_id ",
+                                    seq_id, " is outside [0, ", len, "]"));
+  }
+  const int64_t first = num_tokens / block_size_;
+  for (size_t i = static_cast<size_t>(first); i < seq.block_table.size(); ++i) {
+    uncache(seq.block_table[i]);
+  }
+  seq.num_computed = std::min(seq.num_computed, num_tokens);
+  if (static_cast<int64_t>(seq.block_hashes.size()) > first) seq.block_hashes.resize(first);
+}
+
 bool BlockManager::can_append(int64_t seq_id) const {
   return append_blocks_needed(seq_or_throw(seq_id, "can_append")) <= num_free_blocks();
 }

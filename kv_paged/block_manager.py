@@ -152,6 +152,12 @@ class BlockManager:
         counts = _int_list(num_computed_tokens, "num_computed_tokens")
         self._bm.mark_computed(ids, counts)
 
+    def forget_computed(self, seq_id: int, num_tokens: int) -> None:
+        """Undoes mark_computed past ``num_tokens`` (a step marked before its forward ran, then
+        undone): the sequence's blocks from ``num_tokens // block_size`` on leave the prefix
+        cache, so no later prompt hits K/V that was never written."""
+        self._bm.forget_computed(_check_int(seq_id, "seq_id"), _check_int(num_tokens, "num_tokens"))
+
     def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
         """``child_seq_id`` shares every block of ``parent_seq_id`` (parallel sampling, beams);
         the first append into a shared partial block copies it."""

@@ -540,7 +540,7 @@ class Engine:
                 s.generator.set_state(state)
             for req, before in beam_undo:
                 req.beam = before
-            self.scheduler.requeue([e.seq for e in entries])
+            self.scheduler.requeue(entries)
             raise
         self.scheduler.mark_computed(batch)
         for j, entry in zip(want, logprobs):

@@ -161,11 +161,16 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
 
-    def requeue(self, seqs: list[Sequence]) -> None:
-        """Undoes a step whose forward or sampling failed: each of seqs loses its blocks and goes
-        back to the front of the queue, in order, to be recomputed (not counted as a preemption)."""
-        for seq in reversed(seqs):
-            self._send_back(seq)
+    def requeue(self, entries: list[ScheduledSeq]) -> None:
+        """Undoes a step whose forward or sampling failed: each entry's sequence forgets the
+        blocks marked computed at scheduling (their K/V may never have been written), loses its
+        blocks and goes back to the front of the queue, in order, to be recomputed (not counted
+        as a preemption)."""
+        for e in entries:
+            if self.bm.has_seq(e.seq.seq_id):
+                self.bm.forget_computed(e.seq.seq_id, e.start)
+        for e in reversed(entries):
+            self._send_back(e.seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED
@@ -241,8 +246,7 @@ class Scheduler:
                 continue
             chunk = min(len(seq.token_ids) - seq.num_computed, budget)
             start = seq.num_computed
-            entries.append(ScheduledSeq(seq, start, start + chunk))
-            slot_parts.append(self.bm.slot_mapping(seq.seq_id, start, start + chunk))
+            self._add_prefill(entries, slot_parts, seq, start, start + chunk)
             prefill += chunk
             budget -= chunk
 
@@ -280,8 +284,7 @@ class Scheduler:
             live[req] = have + 1
             occupied += width
             chunk = min(num_tokens - cached, budget)
-            entries.append(ScheduledSeq(seq, cached, cached + chunk))
-            slot_parts.append(self.bm.slot_mapping(seq.seq_id, cached, cached + chunk))
+            self._add_prefill(entries, slot_parts, seq, cached, cached + chunk)
             prefill += chunk
             budget -= chunk
 
@@ -291,6 +294,18 @@ class Scheduler:
         return ScheduledBatch(
             entries, slot_mapping, tables, copies, prefill, len(decodes), preempted
         )
+
+    def _add_prefill(
+        self, entries: list, slot_parts: list, seq: Sequence, start: int, end: int
+    ) -> None:
+        """Schedules positions [start, end) of seq, and marks them computed in the BlockManager
+        right away: within the step's forward every layer writes all its K/V before any attention
+        reads, so a prompt admitted later in this same step may share the full blocks this chunk
+        writes (a burst of users with one system prompt computes it once). requeue() forgets
+        them if the step is undone."""
+        entries.append(ScheduledSeq(seq, start, end))
+        slot_parts.append(self.bm.slot_mapping(seq.seq_id, start, end))
+        self.bm.mark_computed([seq.seq_id], [end])
 
     def mark_computed(self, batch: ScheduledBatch) -> None:
         """The batch's forward succeeded: every entry's tokens up to its end have their K/V in the

@@ -186,3 +186,48 @@ def test_cache_salt_separates_tenants(model):
     with pytest.raises(TypeError, match="cache_salt"):
         engine.add_request(p, greedy(), cache_salt=7)
     check_freed(engine)
+
+
+def test_a_burst_computes_the_shared_prompt_once(model):
+    """Prompts admitted in one step share the system prompt's blocks that an earlier prompt of the
+    same step writes (issue 12, part 4): hit rate near (n-1)/n on the prefix, same outputs as one
+    by one; an undone step leaves nothing in the prefix cache that was not written."""
+    system = prompts(350, [64])[0]  # 8 full blocks of 8
+    users = [system + u for u in prompts(351, [5, 9, 3, 12, 7, 6])]
+    alone = Engine(model, num_blocks=256, block_size=BLOCK_SIZE)
+    want = [alone.generate([u], greedy(), use_tqdm=False)[0].token_ids for u in users]
+    engine = Engine(model, num_blocks=256, block_size=BLOCK_SIZE)
+    outs = engine.generate(users, greedy(), use_tqdm=False)
+    assert [o.token_ids for o in outs] == want
+    assert engine.metrics().steps < 2 * len(users)  # all admitted together, not one per step
+    assert outs[0].num_cached_tokens == 0
+    assert all(o.num_cached_tokens == len(system) for o in outs[1:])
+    m = engine.metrics()
+    assert m.prefix_hit_tokens == (len(users) - 1) * len(system)
+    check_freed(engine)
+
+    # The same burst with its first forward failing: the blocks marked computed at scheduling are
+    # forgotten, so the retry and a later request never read K/V that was not written (the pool
+    # starts as NaN: a stale hit would be caught as a non-finite logits error).
+    engine = Engine(model, num_blocks=256, block_size=BLOCK_SIZE)
+    forward, calls = engine.runner.forward, [0]
+
+    def fail_first(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("injected")
+        return forward(*args, **kwargs)
+
+    engine.runner.forward = fail_first
+    for i, u in enumerate(users):
+        engine.add_request(u, greedy(), request_id=str(i))
+    assert engine.block_manager.stats()["cached_blocks"] == 0
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    engine.block_manager.check_invariants()
+    assert engine.block_manager.stats()["cached_blocks"] == 0
+    finished, _ = _run(engine)
+    assert [finished[str(i)].token_ids for i in range(len(users))] == want
+    later = engine.generate([users[2]], greedy(), use_tqdm=False)[0]
+    assert later.token_ids == want[2] and later.num_cached_tokens > 0
+    check_freed(engine)

@@ -146,6 +146,10 @@ void register_block_manager_class(torch::Library& m) {
            [](const Self& s, std::vector<int64_t> seq_ids, std::vector<int64_t> num_computed) {
              translate_errors([&] { s->bm.mark_computed(seq_ids, num_computed); });
            })
+      .def("forget_computed",
+           [](const Self& s, int64_t seq_id, int64_t num_tokens) {
+             translate_errors([&] { s->bm.forget_computed(seq_id, num_tokens); });
+           })
       .def("can_append",
            [](const Self& s, int64_t id) {
              return translate_errors([&] { return s->bm.can_append(id); });

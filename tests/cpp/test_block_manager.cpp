@@ -340,3 +340,26 @@ TEST(BlockManager, ExtraKeysAreForgottenWhenNothingHoldsThem) {
   EXPECT_EQ(bm.stats().extra_keys, 0);
   bm.check_invariants();
 }
+
+TEST(BlockManager, ForgetComputedTakesUnwrittenBlocksOutOfThePrefixCache) {
+  // A step marks its chunk computed before the forward (so a later prompt of the same step can
+  // share it); when the step is undone, those blocks must never be served as prefix hits.
+  BlockManager bm(8, 2);
+  bm.allocate(1, {1, 2, 3, 4, 5});
+  bm.mark_computed({1}, {2});  // an earlier step: block {1, 2} written
+  bm.mark_computed({1}, {5});  // this step, marked at scheduling: {3, 4} not written yet
+  EXPECT_EQ(bm.allocate(2, {1, 2, 3, 4, 9}), 4);  // a same-step prompt shares both blocks
+  bm.free(2);
+  bm.forget_computed(1, 2);  // the step is undone
+  EXPECT_EQ(bm.num_computed_tokens(1), 2);
+  EXPECT_TRUE(bm.is_cached(bm.block_table(1)[0]));
+  EXPECT_FALSE(bm.is_cached(bm.block_table(1)[1]));
+  EXPECT_EQ(bm.allocate(3, {1, 2, 3, 4, 9}), 2);  // only the written block hits
+  bm.check_invariants();
+  bm.mark_computed({1}, {5});  // the retry writes it: cached again
+  bm.free(3);
+  EXPECT_EQ(bm.allocate(4, {1, 2, 3, 4, 9}), 4);
+  EXPECT_THROW(bm.forget_computed(1, 6), std::invalid_argument);
+  EXPECT_THROW(bm.forget_computed(99, 0), std::invalid_argument);
+  bm.check_invariants();
+}

@@ -63,6 +63,10 @@ class BlockManager {
   // The KV of each sequence's first num_computed[i] tokens is written; full computed blocks become
   // matchable by later prompts. Never decreases a sequence's computed count.
   void mark_computed(const std::vector<int64_t>& seq_ids, const std::vector<int64_t>& num_computed);
+  // Undoes mark_computed past num_tokens (a step marked before its forward, then undone): the
+  // sequence's blocks from num_tokens / block_size on leave the prefix cache, so no later prompt
+  // can hit K/V that was never written.
+  void forget_computed(int64_t seq_id, int64_t num_tokens);
 
   bool can_append(int64_t seq_id) const;
   // Appends one token (its KV is written by the next forward) and returns its slot
