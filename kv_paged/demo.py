@@ -23,7 +23,7 @@ EMBEDDED = "embedded"  # --model value of the random-weight Llama built below
 EMBEDDED_NAME = "embedded random-weight Llama"
 # --users / --max-new-tokens / --num-blocks when not given: the real model's keep `make demo` well
 # under a minute on a 2-core CPU.
-REAL_DEFAULTS = {"users": 12, "max_new_tokens": 40, "num_blocks": 256}
+REAL_DEFAULTS = {"users": 12, "max_new_tokens": 24, "num_blocks": 128}
 EMBEDDED_DEFAULTS = {"users": 32, "max_new_tokens": 64, "num_blocks": 512}
 
 # The embedded model: a small Llama built in code with random weights (no download).
@@ -179,12 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         "--system-len", type=int, default=160, help="system prompt tokens (embedded model)"
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=None, help="default: 40 real, 64 embedded"
+        "--max-new-tokens", type=int, default=None, help="default: 24 real, 64 embedded"
     )
     parser.add_argument(
-        "--num-blocks", type=int, default=None, help="default: 256 real, 512 embedded"
+        "--num-blocks", type=int, default=None, help="default: 128 real, 512 embedded"
     )
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out",
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_ids = None if tokenizer is not None else list(range(8, vocab, 32))
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
-        temperature=0.8,
+        temperature=args.temperature,
         top_p=0.95,
         seed=args.seed,
         stop_token_ids=stop_ids,
