@@ -23,7 +23,7 @@ EMBEDDED = "embedded"  # --model value of the random-weight Llama built below
 EMBEDDED_NAME = "embedded random-weight Llama"
 # --users / --max-new-tokens / --num-blocks when not given: the real model's keep `make demo` well
 # under a minute on a 2-core CPU.
-REAL_DEFAULTS = {"users": 12, "max_new_tokens": 24, "num_blocks": 128}
+REAL_DEFAULTS = {"users": 12, "max_new_tokens": 16, "num_blocks": 128}
 EMBEDDED_DEFAULTS = {"users": 32, "max_new_tokens": 64, "num_blocks": 512}
 
 # The embedded model: a small Llama built in code with random weights (no download).
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "--system-len", type=int, default=160, help="system prompt tokens (embedded model)"
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=None, help="default: 24 real, 64 embedded"
+        "--max-new-tokens", type=int, default=None, help="default: 16 real, 64 embedded"
     )
     parser.add_argument(
         "--num-blocks", type=int, default=None, help="default: 128 real, 512 embedded"
