@@ -266,9 +266,9 @@ class Engine:
         self._pending_outputs.clear()
         outputs = []
         pending = list(touched.values())
+        done = 0
         try:
-            while pending:
-                r = pending[0]
+            for r in pending:
                 if r.finished and r.finished_time is None:
                     r.finished_time = time.perf_counter()
                 if r.finished or not final_only:
@@ -277,9 +277,9 @@ class Engine:
                     self._record_finished(r)
                     self._outputs.forget(r)
                     self._requests.pop(r.request_id, None)
-                pending.pop(0)
+                done += 1
         except BaseException:  # an interrupt: the next step reports what this one did not
-            self._pending_outputs.extend(r for r in pending if r.finished)
+            self._pending_outputs.extend(r for r in pending[done:] if r.finished)
             raise
         return outputs
 
@@ -434,7 +434,7 @@ class Engine:
         if not token_ids:
             raise ValueError("add_request: prompt is empty (at least one token is needed)")
         for i, t in enumerate(token_ids):
-            if isinstance(t, bool) or isinstance(t, float) or not hasattr(t, "__index__"):
+            if isinstance(t, bool) or not hasattr(t, "__index__"):  # floats have no __index__
                 raise ValueError(f"add_request: prompt token {t!r} is not an integer token id")
             t = token_ids[i] = t.__index__()  # numpy / torch integer scalars
             if t < 0 or (self.vocab_size is not None and t >= self.vocab_size):

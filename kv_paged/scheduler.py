@@ -118,7 +118,7 @@ class ScheduledSeq:
 class ScheduledBatch:
     entries: list[ScheduledSeq]  # decode rows first, then prefill chunks
     slot_mapping: torch.Tensor  # int64 [T]: every entry's new positions' slots, in entry order
-    block_tables: torch.Tensor  # int32 [len(entries), max_blocks], padded with -1
+    block_tables: torch.Tensor | None  # int32 [len(entries), max_blocks], -1 padded; None if empty
     copies: torch.Tensor  # int64 [n, 2] copy-on-write (src, dst) block pairs to apply first
     num_prefill_tokens: int
     num_decode_tokens: int

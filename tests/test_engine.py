@@ -94,6 +94,25 @@ def check_freed(engine: Engine) -> None:
     assert not engine.has_unfinished()
 
 
+def run_to_end(engine: Engine, catch: tuple[type[BaseException], ...] = ()):
+    """Steps until nothing is unfinished. Returns (every finished output by request id, how many
+    steps raised one of `catch`); the BlockManager's invariants hold after each such failure, and
+    no request is reported finished twice."""
+    finished, caught = {}, 0
+    while engine.has_unfinished():
+        try:
+            outs = engine.step()
+        except catch:
+            caught += 1
+            engine.block_manager.check_invariants()
+            continue
+        for o in outs:
+            if o.finished:
+                assert o.request_id not in finished, f"{o.request_id} reported twice"
+                finished[o.request_id] = o
+    return finished, caught
+
+
 def test_greedy_equals_hf_generate_eager(model, eager):
     ps = prompts(1)
     engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE, max_num_batched_tokens=20)

@@ -13,7 +13,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_engine import BLOCK_SIZE, FailOnCall, check_freed, hf_greedy, prompts, tiny_llama
+from test_engine import (
+    BLOCK_SIZE,
+    FailOnCall,
+    check_freed,
+    hf_greedy,
+    prompts,
+    run_to_end,
+    tiny_llama,
+)
 
 from kv_paged import BeamSearchParams, Engine, SamplingParams
 from kv_paged.integrations import hf
@@ -180,15 +188,7 @@ def test_failed_steps_are_undone(model, eager, error):
         engine.runner.forward = forward
     for i, p in enumerate(ps):
         engine.add_request(p, PARAMS, request_id=str(i))
-    finished, failures = {}, 0
-    while engine.has_unfinished():
-        try:
-            outs = engine.step()
-        except error:
-            failures += 1
-            engine.block_manager.check_invariants()
-            continue
-        finished.update({o.request_id: o for o in outs if o.finished})
+    finished, failures = run_to_end(engine, catch=(error,))
     assert failures == 4
     assert_beams_equal([finished["0"], finished["1"]], refs)
     check_freed(engine)
@@ -256,12 +256,7 @@ def test_interrupt_in_a_later_search_restores_the_earlier(model, eager, monkeypa
         return step(self, logprobs)
 
     monkeypatch.setattr(beam_module.BeamSearch, "step", interrupt_fourth)
-    finished, interrupts = {}, 0
-    while engine.has_unfinished():
-        try:
-            finished.update({o.request_id: o for o in engine.step() if o.finished})
-        except KeyboardInterrupt:
-            interrupts += 1
+    finished, interrupts = run_to_end(engine, catch=(KeyboardInterrupt,))
     assert interrupts == 1
     assert_beams_equal([finished["0"], finished["1"]], refs)
     check_freed(engine)
@@ -285,12 +280,7 @@ def test_interrupt_while_advancing_beams_fails_that_request_alone(model, eager, 
         return fork(parent, child)
 
     monkeypatch.setattr(engine.scheduler, "fork", interrupt_third)
-    finished, interrupts = {}, 0
-    while engine.has_unfinished():
-        try:
-            finished.update({o.request_id: o for o in engine.step() if o.finished})
-        except KeyboardInterrupt:
-            interrupts += 1
+    finished, interrupts = run_to_end(engine, catch=(KeyboardInterrupt,))
     assert interrupts == 1
     assert finished["beams"].error and "beam search step failed" in finished["beams"].error
     assert finished["greedy"].error is None

@@ -9,7 +9,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_engine import BLOCK_SIZE, CharTokenizer, check_freed, greedy, prompts, tiny_llama
+from test_engine import (
+    BLOCK_SIZE,
+    CharTokenizer,
+    check_freed,
+    greedy,
+    prompts,
+    run_to_end,
+    tiny_llama,
+)
 
 from kv_paged import Engine, SamplingParams
 from kv_paged.metrics import MAX_LATENCY_SAMPLES, MAX_TIMELINE_POINTS, EngineMetrics
@@ -33,24 +41,6 @@ class RaisingTokenizer(CharTokenizer):
         return super().decode(ids, skip_special_tokens)
 
 
-def _run(engine: Engine, interrupts: type[BaseException] | None = None):
-    """Steps to the end; every finished output by request id (each reported exactly once)."""
-    finished, caught = {}, 0
-    while engine.has_unfinished():
-        try:
-            outs = engine.step()
-        except KeyboardInterrupt:
-            if interrupts is None:
-                raise
-            caught += 1
-            continue
-        for o in outs:
-            if o.finished:
-                assert o.request_id not in finished, f"{o.request_id} reported twice"
-                finished[o.request_id] = o
-    return finished, caught
-
-
 def test_a_failing_tokenizer_fails_one_request(model):
     """decode raising while a finished request's output is built: that request finishes with the
     error (reported once), the step and the other requests go on."""
@@ -61,7 +51,7 @@ def test_a_failing_tokenizer_fails_one_request(model):
     engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE, tokenizer=tok)
     for i, p in enumerate(ps):
         engine.add_request(p, greedy(), request_id=str(i))
-    finished, _ = _run(engine)
+    finished, _ = run_to_end(engine)
     assert sorted(finished) == ["0", "1", "2"]
     failed = [o for o in finished.values() if o.error]
     assert len(failed) == 1 and "building its output failed" in failed[0].error
@@ -78,7 +68,7 @@ def test_an_interrupt_while_building_outputs_loses_nothing(model):
     engine = Engine(model, num_blocks=64, block_size=BLOCK_SIZE, tokenizer=tok)
     for i, p in enumerate(ps):
         engine.add_request(p, greedy(), request_id=str(i))
-    finished, caught = _run(engine, interrupts=KeyboardInterrupt)
+    finished, caught = run_to_end(engine, catch=(KeyboardInterrupt,))
     assert caught == 1 and sorted(finished) == ["0", "1", "2"]
     assert all(o.error is None for o in finished.values())
     check_freed(engine)
@@ -104,7 +94,7 @@ def test_non_finite_logits_fail_that_request_alone(model):
         engine.runner.forward = poisoned
         for i, p in enumerate(ps):
             engine.add_request(p, params, request_id=str(i))
-        finished, _ = _run(engine)
+        finished, _ = run_to_end(engine)
         failed = [rid for rid, o in finished.items() if o.error]
         assert len(failed) == 1 and "NaN or inf" in finished[failed[0]].error
         assert all(finished[r].token_ids == want[r] for r in finished if r not in failed)
@@ -145,7 +135,7 @@ def test_auto_ids_skip_ids_in_use(model):
     engine.add_request([3, 4], greedy(2), request_id="1")
     ids = [engine.add_request([5, 6], greedy(2)) for _ in range(3)]
     assert ids == ["0", "2", "3"]
-    finished, _ = _run(engine)
+    finished, _ = run_to_end(engine)
     assert sorted(finished) == ["0", "1", "2", "3"]
 
 
@@ -226,7 +216,7 @@ def test_a_burst_computes_the_shared_prompt_once(model):
         engine.step()
     engine.block_manager.check_invariants()
     assert engine.block_manager.stats()["cached_blocks"] == 0
-    finished, _ = _run(engine)
+    finished, _ = run_to_end(engine)
     assert [finished[str(i)].token_ids for i in range(len(users))] == want
     later = engine.generate([users[2]], greedy(), use_tqdm=False)[0]
     assert later.token_ids == want[2] and later.num_cached_tokens > 0

@@ -48,8 +48,8 @@ class PagedLayer(CacheLayerMixin):
 
     def __init__(self, cache: PagedCache, layer_idx: int, is_sliding: bool) -> None:
         super().__init__()
-        # A proxy, not a reference: the cache owns its layers, and a cycle would keep the pool (GBs
-        # on a GPU) alive after the user drops the cache, until the next gc pass.
+        # A weak reference: the cache owns its layers, and a cycle would keep the pool (GBs on a
+        # GPU) alive after the user drops the cache, until the next gc pass.
         self._cache = weakref.ref(cache)
         self.layer_idx = layer_idx
         self.is_sliding = is_sliding

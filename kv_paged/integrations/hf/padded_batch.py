@@ -73,6 +73,7 @@ class PaddedBatch:
             raise ValueError(
                 f"input_ids must be an int tensor [B, L] with L > 0, got {_shape(input_ids)}"
             )
+        _check_token_ids(input_ids)
         self._admit(input_ids, attention_mask)
         self._booked_only = True
         skip = min(r.pad + r.written for r in self.rows)
@@ -83,8 +84,8 @@ class PaddedBatch:
         """Book a sequence per row. A row equal to the one before it (generate's expansion of a
         prompt for beams or samples) forks it instead: one copy of the prompt's blocks, written once
         (the fork's prompt slots are -1; its queries read what the first row writes). All rows or
-        none: on any failure the sequences booked so far are freed."""
-        _check_token_ids(input_ids)
+        none: on any failure the sequences booked so far are freed. input_ids: checked by the
+        caller (_check_token_ids)."""
         bsz, length = input_ids.shape
         pads = left_padding(attention_mask, bsz, length)
         prompts = [row[p:] for row, p in zip(input_ids.tolist(), pads)]
@@ -282,9 +283,7 @@ class PaddedBatch:
         if sum(query_lens) != bsz * seq:  # padding: the valid columns are each row's last q_len
             index = [i * seq + seq - n + j for i, n in enumerate(query_lens) for j in range(n)]
             token_index = torch.tensor(index, dtype=torch.int64)
-        self._pending = (kv_lens, c0 + seq)
-        self.half_done = False
-        return AttentionMetadata.build(
+        meta = AttentionMetadata.build(
             query_lens=query_lens,
             kv_lens=kv_lens,
             block_tables=self.block_manager.block_tables(self.seq_ids),
@@ -293,6 +292,9 @@ class PaddedBatch:
             token_index=token_index,
             num_rows=bsz * seq,
         )
+        self._pending = (kv_lens, c0 + seq)
+        self.half_done = False
+        return meta
 
     def commit_step(self) -> None:
         """The step's K/V is written: tell the BlockManager (prefix-cache matching) and advance."""
