@@ -148,7 +148,7 @@ _last_engine = {}  # the kv_paged engine of the last run, for its metrics line i
 
 def run_kv_paged_engine(model, requests, args):
     from kv_paged.engine import Engine
-    from kv_paged.sampling import SamplingParams
+    from kv_paged.engine.sampling import SamplingParams
 
     engine = Engine(
         model,

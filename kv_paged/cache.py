@@ -3,7 +3,7 @@ attention parameters of a layer.
 
 One `AttentionMetadata` describes a whole forward step (a packed varlen batch of prefill chunks
 and decode rows) and is shared by every layer: it is built once per step, never once per layer.
-Framework-free: kv_paged/integrations/hf/ and kv_paged/engine.py both drive models through it.
+Framework-free: kv_paged/integrations/hf/ and kv_paged/engine/ both drive models through it.
 """
 
 from __future__ import annotations

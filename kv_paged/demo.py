@@ -56,7 +56,7 @@ def run_chat(
     """Serves turn 1 of every user (arrivals_per_step new users per engine step), and each user's
     turn 2 (chat.follow_up of the first sample's reply) as soon as their turn 1 finishes.
     Returns {(user, turn): RequestOutput}."""
-    from kv_paged.metrics import progress_bar
+    from kv_paged.engine.metrics import progress_bar
 
     engine.reset_metrics()
     results = {}
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import kv_paged
     from kv_paged.engine import Engine
-    from kv_paged.sampling import SamplingParams
+    from kv_paged.engine.sampling import SamplingParams
 
     model, tokenizer, name = load_model(args, parser, dtype)
     defaults = EMBEDDED_DEFAULTS if name == EMBEDDED_NAME else REAL_DEFAULTS

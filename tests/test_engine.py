@@ -20,8 +20,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kv_paged.engine import Engine  # noqa: E402  (after the importorskip)
+from kv_paged.engine.sampling import SamplingParams  # noqa: E402
 from kv_paged.integrations import hf  # noqa: E402
-from kv_paged.sampling import SamplingParams  # noqa: E402
 
 BLOCK_SIZE = 8
 VOCAB = 96
@@ -391,7 +391,7 @@ def test_failed_step_is_undone(model, monkeypatch, where):
     if where == "forward":
         engine.runner.forward = FailOnCall(engine.runner.forward, {2, 5, 6})
     else:
-        import kv_paged.engine as engine_module
+        import kv_paged.engine.step as engine_module
 
         monkeypatch.setattr(engine_module, "sample", FailOnCall(engine_module.sample, {3, 7}))
     for i, p in enumerate(ps):
@@ -574,7 +574,7 @@ def test_close_gives_the_model_back(eager):
 
 
 def test_default_pool_size_on_cpu(model, monkeypatch):
-    import kv_paged.model_runner as runner_module
+    import kv_paged.engine.model_runner as runner_module
 
     per_block = 2 * 2 * BLOCK_SIZE * 2 * 16 * 4  # layers x (K, V) x tokens x kv heads x dims x fp32
     # Plenty of host memory: the 1 GiB default holds more than max_num_seqs full-length

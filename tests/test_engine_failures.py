@@ -20,7 +20,7 @@ from test_engine import (
 )
 
 from kv_paged import Engine, SamplingParams
-from kv_paged.metrics import MAX_LATENCY_SAMPLES, MAX_TIMELINE_POINTS, EngineMetrics
+from kv_paged.engine.metrics import MAX_LATENCY_SAMPLES, MAX_TIMELINE_POINTS, EngineMetrics
 
 
 @pytest.fixture(scope="module")

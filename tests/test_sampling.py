@@ -1,4 +1,4 @@
-"""kv_paged.sampling: SamplingParams validation and the vectorised per-row sampler against
+"""kv_paged.engine.sampling: SamplingParams validation and the vectorised per-row sampler against
 explicit per-row references (top_k / top_p / temperature), with seeded generators."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_paged import sampling
-from kv_paged.sampling import SamplingParams, make_generator, sample
+from kv_paged.engine import sampling
+from kv_paged.engine.sampling import SamplingParams, make_generator, sample
 
 VOCAB = 50
 

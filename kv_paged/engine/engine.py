@@ -4,8 +4,10 @@ own Python process, with the user's HuggingFace model.
 Design decision: one packed varlen forward per step. Every scheduled sequence contributes a slice of
 positions (a prefill chunk or one decode row) to input_ids [1, T] with explicit position_ids; the
 "kv_paged" attention reads each sequence's KV through its block table, and logits are computed only
-at the rows that sample. The scheduler (kv_paged/scheduler.py) decides the slices; the sampler
-(kv_paged/sampling.py) draws from per-sequence generators, so outputs never depend on batching.
+at the rows that sample. A step is schedule -> run -> postprocess: the Scheduler (scheduler.py)
+decides the slices and alone drives the BlockManager; run_step (step.py) runs the forward and the
+sampler, which draws from per-sequence generators (sampling.py), so outputs never depend on
+batching; Scheduler.postprocess applies the result.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import torch
 
 from kv_paged.beam_search import BeamSearch, BeamSearchParams
 from kv_paged.block_manager import BlockManager
-from kv_paged.metrics import EngineMetrics, progress_bar
-from kv_paged.model_runner import ModelRunner, default_kv_memory, kv_bytes_per_block
-from kv_paged.outputs import OutputProcessor, RequestOutput, hit_stop_string
-from kv_paged.sampling import SamplingParams, make_generator, sample, token_logprobs
-from kv_paged.scheduler import Request, ScheduledBatch, Scheduler, SeqStatus, Sequence
+from kv_paged.engine.inputs import encode_prompt, why_impossible
+from kv_paged.engine.metrics import EngineMetrics, progress_bar
+from kv_paged.engine.model_runner import ModelRunner, default_kv_memory, kv_bytes_per_block
+from kv_paged.engine.outputs import OutputProcessor, RequestOutput
+from kv_paged.engine.request import Request, ScheduledBatch, SeqStatus
+from kv_paged.engine.sampling import SamplingParams
+from kv_paged.engine.scheduler import Scheduler, StepOutcome
+from kv_paged.engine.step import StepResult, run_step
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
@@ -92,6 +97,7 @@ class Engine:
             self.block_manager,
             max_num_seqs,
             max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            self.max_model_len,
         )
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos_token_ids: tuple[int, ...] = (
@@ -103,7 +109,6 @@ class Engine:
         # Requests finished outside a step (refused at add_request, aborted): reported next step.
         self._pending_outputs: list[Request] = []
         self._outputs = OutputProcessor(tokenizer)
-        self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
         self._metrics: EngineMetrics | None = None
 
@@ -142,7 +147,7 @@ class Engine:
                 "add_request: params must be SamplingParams or BeamSearchParams, got "
                 f"{type(params).__name__}"
             )
-        token_ids = self._encode(prompt)
+        token_ids = encode_prompt(prompt, self.tokenizer, self.vocab_size)
         if params.stop and self.tokenizer is None:
             raise ValueError("add_request: SamplingParams.stop needs Engine(..., tokenizer=...)")
         if params.logprobs is not None and self.vocab_size and params.logprobs > self.vocab_size:
@@ -172,17 +177,14 @@ class Engine:
             arrival_time=time.perf_counter(),
             cache_salt=cache_salt,
         )
-        req.forked = params.n == 1
-        for i in range(params.n):
-            req.seqs.append(
-                Sequence(next(self._seq_ids), req, i, list(token_ids), make_generator(seed, i))
-            )
         if beam_params is not None:
             req.beam = BeamSearch(beam_params, self.eos_token_ids)
-            req.beams = [req.seqs[0]]
+        self.scheduler.create_sequences(req)
         self._requests[request_id] = req
         self._metrics.num_requests += 1
-        req.error = self._why_impossible(req)
+        req.error = why_impossible(
+            req, self.max_model_len, self.block_size, self.num_blocks, self.scheduler.max_num_seqs
+        )
         if req.error is not None:
             for seq in req.seqs:
                 seq.status, seq.finish_reason = SeqStatus.FINISHED, "error"
@@ -260,8 +262,19 @@ class Engine:
         touched: dict[str, Request] = {r.request_id: r for r in self._pending_outputs}
         if self.scheduler.has_unfinished():
             batch = self.scheduler.schedule()
+            self._metrics.preemptions += len(batch.preempted)
             if batch.entries:
-                for req in self._execute(batch):
+                try:
+                    result = run_step(self.runner, batch, self.tokenizer)
+                except BaseException:  # undone: the batch's sequences recompute later
+                    self.scheduler.requeue(batch.entries)
+                    raise
+                outcome = self.scheduler.postprocess(batch, result)
+                self._record_step(batch, result, outcome)
+                if outcome.failure is not None:  # this step's outputs go out with the next step
+                    self._pending_outputs.extend(r for r in outcome.touched if r.finished)
+                    raise outcome.failure
+                for req in outcome.touched:
                     touched[req.request_id] = req
         self._pending_outputs.clear()
         outputs = []
@@ -408,188 +421,23 @@ class Engine:
             start=time.perf_counter(),
         )
 
-    def _encode(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise TypeError(
-                    "add_request: prompt is a string but the Engine has no tokenizer; pass token ids or Engine(..., tokenizer=...)"
-                )
-            token_ids = list(self.tokenizer(prompt)["input_ids"])
-        elif isinstance(prompt, torch.Tensor):
-            if prompt.dim() != 1:
-                raise ValueError(
-                    f"add_request: a tensor prompt must be 1-D token ids, got shape {tuple(prompt.shape)}"
-                )
-            if (
-                prompt.dtype.is_floating_point
-                or prompt.dtype.is_complex
-                or prompt.dtype == torch.bool
-            ):
-                raise ValueError(
-                    f"add_request: a tensor prompt must hold integer token ids, got dtype {prompt.dtype}"
-                )
-            token_ids = prompt.tolist()
-        else:
-            token_ids = list(prompt)
-        if not token_ids:
-            raise ValueError("add_request: prompt is empty (at least one token is needed)")
-        for i, t in enumerate(token_ids):
-            if isinstance(t, bool) or not hasattr(t, "__index__"):  # floats have no __index__
-                raise ValueError(f"add_request: prompt token {t!r} is not an integer token id")
-            t = token_ids[i] = t.__index__()  # numpy / torch integer scalars
-            if t < 0 or (self.vocab_size is not None and t >= self.vocab_size):
-                raise ValueError(
-                    f"add_request: prompt token {t} is not in [0, vocab_size={self.vocab_size})"
-                )
-        return token_ids
-
-    def _why_impossible(self, req: Request) -> str | None:
-        p, m = len(req.prompt_token_ids), req.params.max_new_tokens
-        if p + m > self.max_model_len:
-            return (
-                f"request {req.request_id}: prompt ({p} tokens) + max_new_tokens ({m}) = {p + m} exceeds the "
-                f"model's max positions (max_position_embeddings = {self.max_model_len})"
-            )
-        # The last generated token is never fed back, so a sample holds at most p + m - 1 tokens of KV.
-        need = -(-(p + m - 1) // self.block_size)
-        if need > self.num_blocks:
-            return (
-                f"request {req.request_id}: prompt ({p} tokens) + max_new_tokens ({m}) needs {need} KV blocks "
-                f"of {self.block_size} tokens but the whole pool has {self.num_blocks}; raise num_blocks / kv_memory"
-            )
-        if req.max_seqs > self.scheduler.max_num_seqs:
-            what = "beam_width" if req.beam is not None else "n"
-            return f"request {req.request_id}: {what} = {req.max_seqs} exceeds max_num_seqs = {self.scheduler.max_num_seqs}"
-        return None
-
-    def _execute(self, batch: ScheduledBatch) -> list[Request]:
+    def _record_step(self, batch: ScheduledBatch, result: StepResult, outcome: StepOutcome) -> None:
+        """The step's metrics, and one point of the memory timeline."""
         m = self._metrics
-        m.preemptions += len(batch.preempted)
-        entries = batch.entries
-        sampling_rows = [i for i, e in enumerate(entries) if e.samples]
-        # Rows to sample: one per sequence, except an unforked n > 1 request, which samples all n
-        # of its sequences from the prompt's logits row (each with its own generator).
-        # A beam search request's rows are not sampled: their log-probabilities go to its search.
-        row_index, row_seqs, beam_index, beam_seqs = [], [], [], []
-        for r, i in enumerate(sampling_rows):
-            seq = entries[i].seq
-            req = seq.request
-            if req.beam is not None:
-                beam_index.append(r)
-                beam_seqs.append(seq)
-                continue
-            group = req.seqs if not req.forked else [seq]
-            row_index += [r] * len(group)
-            row_seqs += group
-        # Everything that can fail runs first, inside the try, before any state changes: if the
-        # forward, the sampler or the tokenizer raises (out of memory, a model error, Ctrl-C), the
-        # step is undone and its sequences recompute later. After it comes only bookkeeping.
-        drawing = [s for s in row_seqs if not s.request.params.greedy]  # greedy rows draw nothing
-        generator_states = [s.generator.get_state() for s in drawing]
-        beam_undo: list[tuple[Request, BeamSearch]] = []  # searches as they were before this step
-        beam_steps: list[tuple[Request, list[int]]] = []
-        failed: dict[Request, str] = {}
-        t0 = time.perf_counter()
-        try:
-            logits = self.runner.forward(
-                [e.seq.token_ids[e.start : e.end] for e in entries],
-                [e.start for e in entries],
-                batch.slot_mapping,
-                batch.block_tables,
-                batch.copies,
-                sampling_rows,
-            )  # [len(sampling_rows), vocab]
-            failed = self._non_finite_requests(logits, entries, sampling_rows)
-            if failed:  # their rows are not sampled; the requests finish with an error below
-                row_index, row_seqs = _drop(failed, row_index, row_seqs)
-                beam_index, beam_seqs = _drop(failed, beam_index, beam_seqs)
-            tokens = (
-                sample(
-                    logits[row_index],
-                    [s.request.params for s in row_seqs],
-                    [s.generator for s in row_seqs],
-                )
-                if row_seqs
-                else []
-            )
-            want = [j for j, seq in enumerate(row_seqs) if seq.request.params.logprobs is not None]
-            logprobs = (
-                token_logprobs(
-                    logits[[row_index[j] for j in want]],
-                    [tokens[j] for j in want],
-                    [row_seqs[j].request.params.logprobs for j in want],
-                )
-                if want
-                else []
-            )
-            # The tokenizer is user code too: decide stop strings before changing any state.
-            stop_hits = [
-                bool(seq.request.params.stop)
-                and hit_stop_string(
-                    self.tokenizer, seq.token_ids, seq.prompt_len, token, seq.request.params.stop
-                )
-                for seq, token in zip(row_seqs, tokens)
-            ]
-            beam_logprobs = (
-                torch.log_softmax(logits[beam_index].float(), dim=-1) if beam_seqs else None
-            )
-            # Last: it changes searches (beam_undo restores them).
-            beam_steps = self._select_beams(beam_seqs, beam_logprobs, beam_undo)
-        except BaseException:
-            for s, state in zip(drawing, generator_states):
-                s.generator.set_state(state)
-            for req, before in beam_undo:
-                req.beam = before
-            self.scheduler.requeue(entries)
-            raise
-        self.scheduler.mark_computed(batch)
-        for j, entry in zip(want, logprobs):
-            seq = row_seqs[j]
-            seq.logprobs.append(entry)
-            seq.cumulative_logprob += entry[tokens[j]]
-
-        # Fork before any sample can finish (and free) its parent: children share every block.
-        for seq in row_seqs:
-            req = seq.request
-            if not req.forked and seq.index > 0:
-                self.scheduler.fork(req.seqs[0], seq)
-                m.forks += 1
-        touched: dict[str, Request] = {}
-        for req, why in failed.items():
-            req.error = why
-            self.scheduler.abort_request(req)
-            touched[req.request_id] = req
-        t1 = time.perf_counter()
-        for seq, row in zip(beam_seqs, beam_logprobs if beam_seqs else []):
-            seq.request.beam_rows[seq.seq_id] = row
-            if seq.request.first_token_time is None:
-                seq.request.first_token_time = t1
-        for seq, token, stop_hit in zip(row_seqs, tokens, stop_hits):
-            req = seq.request
-            req.forked = True
-            if req.first_token_time is None:
-                req.first_token_time = t1
-            seq.token_ids.append(token)
-            touched[req.request_id] = req
-            out_len = len(seq.token_ids) - seq.prompt_len
-            if token in req.stop_ids or stop_hit:
-                self.scheduler.finish(seq, "stop")
-            elif out_len >= req.params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
-                self.scheduler.finish(seq, "length")
-
         m.steps += 1
         stats = self.block_manager.stats()
         m.prefix_queried_tokens = stats["prefix_queried_tokens"] - self._prefix_base[0]
         m.prefix_hit_tokens = stats["prefix_hit_tokens"] - self._prefix_base[1]
         m.prefill_tokens += batch.num_prefill_tokens
         m.decode_tokens += batch.num_decode_tokens
-        m.generated_tokens += len(tokens) + len(beam_seqs)
+        m.generated_tokens += len(result.tokens) + len(result.beam_rows)
         m.cow_copies += int(batch.copies.shape[0])
-        m.forward_time += t1 - t0
+        m.forks += outcome.forks
+        m.forward_time += result.forward_time
         running = self.scheduler.running
         bs = self.block_size
         m.record(
-            t=t1 - m.start,
+            t=result.done_time - m.start,
             blocks_in_use=stats["blocks_in_use"],
             blocks_unshared=sum(-(-s.num_in_manager // bs) for s in running),
             contiguous_tokens=sum(
@@ -597,87 +445,3 @@ class Engine:
                 for s in running
             ),
         )
-        # Last, as each can fail on its own (an interrupt fails that request alone): the beams of
-        # each search that stepped fork and free. A failure is raised once all are done, and this
-        # step's outputs are reported by the next step.
-        failure: BaseException | None = None
-        for req, parents in beam_steps:
-            try:
-                m.forks += self._advance_beams(req, parents)
-            except BaseException as e:
-                failure = failure or e
-            if req.finished:
-                touched[req.request_id] = req
-        if failure is not None:
-            self._pending_outputs.extend(r for r in touched.values() if r.finished)
-            raise failure
-        return list(touched.values())
-
-    def _non_finite_requests(
-        self, logits: torch.Tensor, entries: list, sampling_rows: list[int]
-    ) -> dict[Request, str]:
-        """Requests whose logits row holds NaN or +inf, or no finite value (nothing to sample):
-        request -> why. logits: [len(sampling_rows), vocab]. One reduction (a row's max is NaN,
-        +inf or -inf exactly then) and one host sync."""
-        if logits.numel() == 0:
-            return {}
-        bad = ~torch.isfinite(logits.max(dim=-1).values)
-        failed = {}
-        for r in bad.nonzero().flatten().tolist():
-            req = entries[sampling_rows[r]].seq.request
-            failed[req] = (
-                f"request {req.request_id}: the model's logits hold NaN or inf (nothing to sample "
-                "from); the request was stopped"
-            )
-        return failed
-
-    def _select_beams(
-        self,
-        seqs: list[Sequence],
-        logprobs: torch.Tensor | None,
-        undo: list[tuple[Request, BeamSearch]],
-    ) -> list[tuple[Request, list[int]]]:
-        """Runs a beam search step for each request whose live beams all have their next-token
-        log-probabilities with this step's rows (seqs: the beam rows, logprobs [len(seqs), vocab]).
-        Returns (request, parents) per request stepped. Changes only request.beam, after putting
-        its snapshot in `undo` (the caller's, so an interrupt here still finds it)."""
-        new = {seq.seq_id: row for seq, row in zip(seqs, logprobs if seqs else [])}
-        stepped = []
-        for req in dict.fromkeys(seq.request for seq in seqs):
-            rows = [new.get(s.seq_id, req.beam_rows.get(s.seq_id)) for s in req.beams]
-            if any(row is None for row in rows):
-                continue  # some beams wait for the token budget or recompute after preemption
-            undo.append((req, req.beam.snapshot()))
-            stepped.append((req, req.beam.step(torch.stack(rows))))
-        return stepped
-
-    def _advance_beams(self, req: Request, parents: list[int]) -> int:
-        """After a beam search step: new beam i continues old beam parents[i] with the token the
-        search chose (Scheduler.advance_beams forks and frees). Returns the forks made. An
-        interrupt in the middle fails this request alone (reported with `error`), never the
-        engine."""
-        tokens = [beam[-1] for beam in req.beam.running]
-        try:
-            return self.scheduler.advance_beams(req, parents, tokens, self._new_beam)
-        except BaseException as e:
-            req.error = f"request {req.request_id}: beam search step failed ({type(e).__name__})"
-            self.scheduler.abort_request(req)
-            self._pending_outputs.append(req)
-            raise
-
-    def _new_beam(self, parent: Sequence) -> Sequence:
-        """A Sequence for a beam forked from parent (same tokens so far, its own id)."""
-        req = parent.request
-        return Sequence(
-            next(self._seq_ids),
-            req,
-            len(req.seqs),
-            list(parent.token_ids),
-            make_generator(req.seed, len(req.seqs)),
-        )
-
-
-def _drop(failed: dict[Request, str], index: list[int], seqs: list[Sequence]):
-    """index, seqs without the rows of failed requests."""
-    kept = [(i, s) for i, s in zip(index, seqs) if s.request not in failed]
-    return [i for i, _ in kept], [s for _, s in kept]

@@ -1,4 +1,5 @@
-"""Continuous-batching scheduler of kv_paged.Engine: waiting / running queues over one BlockManager.
+"""Continuous-batching scheduler of kv_paged.Engine: waiting / running queues over one BlockManager,
+the only caller of that BlockManager (allocate, append, fork, mark computed, free).
 
 Design decision: a sequence's tokens are prompt + output, and `num_computed` of them have their KV
 in the pool; every step computes a slice [num_computed, end) of each scheduled sequence (a prefill
@@ -9,136 +10,68 @@ prefix caching) and the output cannot change.
 
 from __future__ import annotations
 
-import enum
+import itertools
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from kv_paged.beam_search import BeamSearch, continuations
+from kv_paged.beam_search import continuations
 from kv_paged.cache import blocks_needed
-from kv_paged.sampling import SamplingParams
-
-
-class SeqStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)
-class Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seed: int
-    arrival: int
-    stop_ids: frozenset[int]
-    seqs: list[Sequence] = field(default_factory=list)
-    forked: bool = False  # n > 1: children exist once the prompt is computed
-    cache_salt: str | None = None  # prefix-cache tenant: the BlockManager's extra_key
-    error: str | None = None
-    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
-    # time.perf_counter() stamps: added, first token of any sample sampled, last sample finished.
-    arrival_time: float = 0.0
-    first_token_time: float | None = None
-    finished_time: float | None = None
-    # Beam search (BeamSearchParams): the selection state, the live beams in its order, and each
-    # beam's next-token log-probabilities [vocab] once computed (a step needs every beam's).
-    beam: BeamSearch | None = None
-    beams: list[Sequence] = field(default_factory=list)
-    beam_rows: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return self.error is not None or (
-            self.forked and all(s.status is SeqStatus.FINISHED for s in self.seqs)
-        )
-
-    @property
-    def max_seqs(self) -> int:
-        """Sequence slots the request may need at once, held from admission on: beam_width for
-        beam search, n for an n > 1 request that has not forked yet, else 1."""
-        if self.beam is not None:
-            return self.beam.params.beam_width
-        return self.params.n if not self.forked else 1
-
-
-@dataclass(eq=False)
-class Sequence:
-    seq_id: int
-    request: Request
-    index: int  # which of the request's n samples
-    token_ids: list[int]  # prompt + output
-    generator: torch.Generator
-    status: SeqStatus = SeqStatus.WAITING
-    num_computed: int = 0  # tokens whose KV is in the pool
-    num_in_manager: int = 0  # tokens the block manager holds slots for
-    finish_reason: str | None = None
-    num_preemptions: int = 0
-    # SamplingParams.logprobs: one {token id: logprob} per generated token, and their sum.
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
-
-    @property
-    def idle(self) -> bool:
-        """A beam whose next-token row is computed, waiting for the rest of its group."""
-        return self.seq_id in self.request.beam_rows
-
-    @property
-    def is_decode(self) -> bool:
-        """The newest token (sampled last step) is the only one left; it has no slot yet."""
-        return (
-            self.num_in_manager == len(self.token_ids) - 1
-            and self.num_computed == self.num_in_manager
-        )
+from kv_paged.engine.request import Request, ScheduledBatch, ScheduledSeq, SeqStatus, Sequence
+from kv_paged.engine.sampling import make_generator
+from kv_paged.engine.step import StepResult
 
 
 @dataclass
-class ScheduledSeq:
-    seq: Sequence
-    start: int  # positions [start, end) are computed this step
-    end: int
+class StepOutcome:
+    """What Scheduler.postprocess did with a step's result."""
 
-    @property
-    def samples(self) -> bool:
-        return self.end == len(self.seq.token_ids)
-
-
-@dataclass
-class ScheduledBatch:
-    entries: list[ScheduledSeq]  # decode rows first, then prefill chunks
-    slot_mapping: torch.Tensor  # int64 [T]: every entry's new positions' slots, in entry order
-    block_tables: torch.Tensor | None  # int32 [len(entries), max_blocks], -1 padded; None if empty
-    copies: torch.Tensor  # int64 [n, 2] copy-on-write (src, dst) block pairs to apply first
-    num_prefill_tokens: int
-    num_decode_tokens: int
-    preempted: list[Sequence]
+    touched: list[Request]  # requests that got tokens or finished, each once
+    forks: int  # sequences forked (n > 1 samples, beams)
+    # A beam search step that failed (an interrupt): its request finished with an error; the
+    # Engine raises this once the step is recorded.
+    failure: BaseException | None = None
 
 
 class Scheduler:
-    """Admits, chunks and preempts sequences; the Engine runs the forward and samples."""
+    """Admits, chunks and preempts sequences, and applies what each step sampled (postprocess);
+    the Engine runs the forward and samples (kv_paged/engine/step.py).
+
+    max_model_len: a sequence finishes ("length") when it holds this many tokens.
+    """
 
     def __init__(
-        self, block_manager, max_num_seqs: int, max_num_batched_tokens: int, watermark: float = 0.01
+        self,
+        block_manager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        watermark: float = 0.01,
     ):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self._seq_ids = itertools.count()
         # Blocks kept free at admission so fresh decodes do not immediately preempt (vLLM's watermark).
         self.watermark_blocks = int(watermark * block_manager.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.num_preemptions = 0
+
+    def create_sequences(self, req: Request) -> None:
+        """req's sequences: its n samples (the ones past the first fork from it once the prompt is
+        computed), or the first beam of a beam search (req.beam set)."""
+        req.forked = req.params.n == 1
+        for i in range(1 if req.beam is not None else req.params.n):
+            req.seqs.append(self._new_sequence(req, list(req.prompt_token_ids)))
+        if req.beam is not None:
+            req.beams = [req.seqs[0]]
+
+    def _new_sequence(self, req: Request, token_ids: list[int]) -> Sequence:
+        index = len(req.seqs)
+        return Sequence(next(self._seq_ids), req, index, token_ids, make_generator(req.seed, index))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -315,34 +248,87 @@ class Scheduler:
         for e in entries:
             e.seq.num_computed = e.end
 
-    def advance_beams(
-        self,
-        req: Request,
-        parents: list[int],
-        tokens: list[int],
-        new_beam: Callable[[Sequence], Sequence],
-    ) -> int:
-        """A beam search step of req: new beam i continues old beam parents[i] with tokens[i]. A
-        parent's first continuation keeps its sequence, later ones are new_beam(parent) forks
-        (shared blocks, copy-on-write); beams nobody continues are freed; once the search is done
-        (parents empty) every beam is. Returns the forks made."""
-        old = req.beams
-        req.beam_rows.clear()
-        forks, dropped = continuations(parents, len(old))
-        children = [new_beam(old[p]) if fork else None for p, fork in zip(parents, forks)]
-        for p, child in zip(parents, children):  # forks before frees: children share the blocks
-            if child is not None:
-                req.seqs.append(child)
-                self.fork(old[p], child)
-        for i in dropped:
-            self.finish(old[i], "beam")
-        new = [child or old[p] for p, child in zip(parents, children)]
-        if parents:  # keep the last beams referenced once done: the request reports from them
-            req.seqs = [s for s in req.seqs if s.status is not SeqStatus.FINISHED]
-        for seq, token in zip(new, tokens):
+    def postprocess(self, batch: ScheduledBatch, result: StepResult) -> StepOutcome:
+        """Applies a step whose forward and sampling succeeded: its K/V count as computed, sampled
+        tokens are appended, finished sequences freed, n > 1 requests fork, requests whose logits
+        were not finite finish with an error, beam searches that stepped fork and free."""
+        self.mark_computed(batch)
+        for seq, token, entry in result.logprobs:
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += entry[token]
+        forks = 0
+        # Fork before any sample can finish (and free) its parent: children share every block.
+        for seq in result.seqs:
+            req = seq.request
+            if not req.forked and seq.index > 0:
+                self.fork(req.seqs[0], seq)
+                forks += 1
+        touched: dict[str, Request] = {}
+        for req, why in result.failed.items():
+            req.error = why
+            self.abort_request(req)
+            touched[req.request_id] = req
+        for seq, row in result.beam_rows:
+            seq.request.beam_rows[seq.seq_id] = row
+            if seq.request.first_token_time is None:
+                seq.request.first_token_time = result.done_time
+        for seq, token, stop_hit in zip(result.seqs, result.tokens, result.stop_hits):
+            req = seq.request
+            req.forked = True
+            if req.first_token_time is None:
+                req.first_token_time = result.done_time
             seq.token_ids.append(token)
-        req.beams = new
-        return sum(forks)
+            touched[req.request_id] = req
+            if token in req.stop_ids or stop_hit:
+                self.finish(seq, "stop")
+            elif (
+                len(seq.token_ids) - seq.prompt_len >= req.params.max_new_tokens
+                or len(seq.token_ids) >= self.max_model_len
+            ):
+                self.finish(seq, "length")
+        # Last, as each can fail on its own (an interrupt fails that request alone).
+        failure: BaseException | None = None
+        for req, parents in result.beam_steps:
+            try:
+                forks += self._advance_beams(req, parents)
+            except BaseException as e:
+                failure = failure or e
+            if req.finished:
+                touched[req.request_id] = req
+        return StepOutcome(list(touched.values()), forks, failure)
+
+    def _advance_beams(self, req: Request, parents: list[int]) -> int:
+        """A beam search step of req: new beam i continues old beam parents[i] with the token the
+        search chose. A parent's first continuation keeps its sequence, later ones are forks
+        (shared blocks, copy-on-write); beams nobody continues are freed; once the search is done
+        (parents empty) every beam is. Returns the forks made. An interrupt in the middle
+        finishes req with an error (its blocks freed) and is re-raised."""
+        try:
+            tokens = [beam[-1] for beam in req.beam.running]
+            old = req.beams
+            req.beam_rows.clear()
+            forks, dropped = continuations(parents, len(old))
+            children = []
+            for p, fork in zip(parents, forks):  # forks before frees: children share the blocks
+                child = None
+                if fork:
+                    child = self._new_sequence(req, list(old[p].token_ids))
+                    req.seqs.append(child)
+                    self.fork(old[p], child)
+                children.append(child)
+            for i in dropped:
+                self.finish(old[i], "beam")
+            new = [child or old[p] for p, child in zip(parents, children)]
+            if parents:  # keep the last beams referenced once done: the request reports from them
+                req.seqs = [s for s in req.seqs if s.status is not SeqStatus.FINISHED]
+            for seq, token in zip(new, tokens):
+                seq.token_ids.append(token)
+            req.beams = new
+            return sum(forks)
+        except BaseException as e:
+            req.error = f"request {req.request_id}: beam search step failed ({type(e).__name__})"
+            self.abort_request(req)
+            raise
 
     def _fits(self, seq: Sequence) -> bool:
         """Whether admitting seq leaves the pool room: its blocks (prefix hits not counted) and,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kv_paged.scheduler import Request, Sequence
+    from kv_paged.engine.request import Request, Sequence
 
 
 @dataclass
