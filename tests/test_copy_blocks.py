@@ -94,12 +94,22 @@ def test_copy_blocks_empty(gen):
             lambda a: a["ks"].__setitem__(1, a["ks"][1].half()), r"k_caches\[1\]", id="layer-dtype"
         ),
         pytest.param(lambda a: a["ks"].__setitem__(0, a["ks"][0][0]), r"k_caches\[0\]", id="rank"),
+        # Block ids name blocks of one pool: a layer with fewer blocks (the mapping still in its
+        # range) is a caller bug, and the CUDA launch once sized every layer from layer 0.
+        pytest.param(
+            lambda a: (
+                a["ks"].__setitem__(1, a["ks"][1][:3]),
+                a["vs"].__setitem__(1, a["vs"][1][:3]),
+            ),
+            r"k_caches\[1\]: 3 blocks, but k_caches\[0\] has 4",
+            id="layer-num-blocks",
+        ),
     ],
 )
 def test_copy_blocks_bad_input(mutate, match, gen):
     ks, vs = random_pools(2, 4, 4, 1, 8, torch.float32, "cpu", gen, False)
     before = [t.clone() for t in ks + vs]
-    a = dict(ks=list(ks), vs=list(vs), m=torch.tensor([[0, 1], [0, 3]]))
+    a = dict(ks=list(ks), vs=list(vs), m=torch.tensor([[0, 1], [0, 2]]))
     mutate(a)
     with pytest.raises(RuntimeError, match=match):
         ops.copy_blocks(a["ks"], a["vs"], a["m"])

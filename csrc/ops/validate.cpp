@@ -278,6 +278,11 @@ void check_copy_blocks_args(at::TensorList k_caches, at::TensorList v_caches,
     check_device(v_caches[i], vname.c_str(), k_caches[0], "k_caches[0]");
     TORCH_CHECK(v_caches[i].sizes() == k_caches[i].sizes(), vname, ": shape ", v_caches[i].sizes(),
                 " does not match ", kname, " shape ", k_caches[i].sizes());
+    // Block ids name blocks of one BlockManager pool: every layer holds the same blocks (layers
+    // may differ in heads and head_dim). The CUDA launch bounds every layer by layer 0's count.
+    TORCH_CHECK(k_caches[i].size(0) == k_caches[0].size(0), kname, ": ", k_caches[i].size(0),
+                " blocks, but k_caches[0] has ", k_caches[0].size(0),
+                " (every layer's pool must hold the same blocks)");
   }
 }
 
