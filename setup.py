@@ -64,6 +64,50 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+# The CUDA kernels use cp.async, ldmatrix and bf16 mma.sync: sm_80 (Ampere) or newer.
+MIN_CUDA_ARCH = (8, 0)
+# Built when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (a CI machine, a docker build):
+# torch's own detection would raise there. 9.0a = H100/H200 (the "a" features), 8.0 = A100, and
+# compute_80 PTX that newer GPUs JIT-compile (arch-specific "a" PTX runs on its own arch only).
+DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0a"
+
+
+def cuda_arch_list(env: dict, visible_capabilities: list[tuple[int, int]]) -> str:
+    """The TORCH_CUDA_ARCH_LIST to build with: the user's (each entry checked), else the visible
+    GPUs' (checked), else DEFAULT_CUDA_ARCHS. Raises RuntimeError naming what is below sm_80."""
+    given = env.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if given:
+        archs = given.replace(",", ";").replace(" ", ";").split(";")
+        for arch in filter(None, archs):
+            digits = arch.split("+")[0].rstrip("af").split(".")
+            try:
+                capability = (int(digits[0]), int(digits[1]) if len(digits) > 1 else 0)
+            except ValueError:
+                raise RuntimeError(f"TORCH_CUDA_ARCH_LIST: cannot read the entry {arch!r}") from None
+            if capability < MIN_CUDA_ARCH:
+                raise RuntimeError(
+                    f"TORCH_CUDA_ARCH_LIST has {arch}: kv_paged's CUDA kernels need sm_80 or newer "
+                    "(cp.async, ldmatrix, bf16 mma.sync); drop it, or build for the CPU only with "
+                    "KV_PAGED_CUDA=0"
+                )
+        return given
+    if visible_capabilities:
+        old = [c for c in visible_capabilities if c < MIN_CUDA_ARCH]
+        if old:
+            raise RuntimeError(
+                f"the visible GPU has compute capability {old[0][0]}.{old[0][1]}: kv_paged's CUDA "
+                "kernels need 8.0 or newer; build for the CPU only with KV_PAGED_CUDA=0"
+            )
+        return ";".join(sorted({f"{a}.{b}" for a, b in visible_capabilities}))
+    return DEFAULT_CUDA_ARCHS
+
+
+def visible_cuda_capabilities() -> list[tuple[int, int]]:
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+
+
 def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
     sources = ["csrc/torch_bindings.cpp", "csrc/block_manager.cpp", "csrc/prefix_cache.cpp"]
@@ -82,6 +126,8 @@ def extension():
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
     sources += rel("csrc/ops/*.cu")
+    # torch.utils.cpp_extension turns TORCH_CUDA_ARCH_LIST into the -gencode flags.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(os.environ, visible_cuda_capabilities())
     nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
     nvcc += ["-DKV_PAGED_WITH_CUDA"]
     return CUDAExtension(
@@ -91,7 +137,8 @@ def extension():
     )
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its functions
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

@@ -32,6 +32,7 @@ fi
 
 jobs_file=$OUT/jobs.txt
 : > "$jobs_file"
+printf '#include "kv_paged/cuda_utils.cuh"\n' > "$OUT/cuda_utils.header.cu"
 for h in csrc/include/kv_paged/*_kernel.cuh; do
   stem=$(basename "$h" .cuh)
   printf '#include "kv_paged/%s.cuh"\n' "$stem" > "$OUT/$stem.header.cu"
@@ -60,5 +61,15 @@ fail=0
 # xargs runs `compile` in child shells: arrays do not cross exec, so pass them through a file.
 declare -p COMMON TORCH_FLAGS HEADER_STD GLUE_STD > "$OUT/flags.sh"
 xargs -P "$JOBS" -L 1 bash -c 'source "$OUT/flags.sh"; compile "$@"' _ < "$jobs_file" || fail=1
+# Below sm_80 the build must stop at our #error, naming the need, not deep in ptxas.
+old_arch_log=$OUT/sm75.log
+if nvcc -c "$OUT/cuda_utils.header.cu" -o "$OUT/sm75.o" "$HEADER_STD" -Icsrc/include \
+     -gencode=arch=compute_75,code=sm_75 >"$old_arch_log" 2>&1; then
+  echo "FAIL: an sm_75 build of cuda_utils.cuh compiled; it must stop at its #error"; fail=1
+elif ! grep -q "need sm_80 or newer" "$old_arch_log"; then
+  cat "$old_arch_log"; echo "FAIL: the sm_75 build failed without kv_paged's message"; fail=1
+else
+  echo "ok   an sm_75 build stops with: need sm_80 or newer"
+fi
 if [ "$fail" -ne 0 ]; then echo "cuda-check: FAILED"; exit 1; fi
 echo "cuda-check: all CUDA sources compile for sm_90a and sm_80"

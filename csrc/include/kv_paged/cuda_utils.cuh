@@ -9,6 +9,10 @@
 
 #include <cstdint>
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "kv_paged's CUDA kernels need sm_80 or newer (cp.async, ldmatrix, bf16 mma.sync): build with TORCH_CUDA_ARCH_LIST=8.0 or newer"
+#endif
+
 namespace kv_paged {
 namespace cuda {
 
