@@ -2,7 +2,9 @@
 # Compile-checks every CUDA source for sm_90a AND sm_80 (run by `make cuda-check`, part of `make test`):
 # 1. each torch-free kernel header alone (proves it needs no torch), 2. each csrc/ops/*.cu glue file
 # against torch's headers with the flags setup.py + BuildExtension use. Each file is compiled once,
-# with both -gencode targets, two files at a time. Any error fails the script.
+# with both -gencode targets, two files at a time. 3. an sm_75 build must stop at cuda_utils.cuh's
+# #error; 4. tests/cuda/test_*.cu (host-callable kernel math) built by nvcc and run here. Any error
+# fails the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -71,5 +73,15 @@ elif ! grep -q "need sm_80 or newer" "$old_arch_log"; then
 else
   echo "ok   an sm_75 build stops with: need sm_80 or newer"
 fi
+# The __host__ __device__ math of the kernels, compiled by nvcc and run on this CPU.
+for t in tests/cuda/test_*.cu; do
+  bin=$OUT/$(basename "$t" .cu)
+  if nvcc "$t" -o "$bin" "$HEADER_STD" -Icsrc/include -gencode=arch=compute_80,code=sm_80 \
+       >"$bin.log" 2>&1 && "$bin"; then
+    echo "ok   $t (host run)"
+  else
+    cat "$bin.log"; echo "FAIL $t"; fail=1
+  fi
+done
 if [ "$fail" -ne 0 ]; then echo "cuda-check: FAILED"; exit 1; fi
 echo "cuda-check: all CUDA sources compile for sm_90a and sm_80"

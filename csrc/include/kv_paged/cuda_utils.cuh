@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "kv_paged's CUDA kernels need sm_80 or newer (cp.async, ldmatrix, bf16 mma.sync): build with TORCH_CUDA_ARCH_LIST=8.0 or newer"
@@ -41,33 +42,44 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// Bit casts go through memcpy (compiled to register moves): reading one type's object through a
+// pointer to another is undefined behaviour, which optimisers may exploit.
+template <typename To, typename From>
+__device__ __forceinline__ To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To to;
+  memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
 // Two floats packed into one 32-bit register of two 16-bit elements (low half = a).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float a, float b);
 template <>
 __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-  __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
+  return bit_cast<uint32_t>(__floats2half2_rn(a, b));
 }
 template <>
 __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
+  return bit_cast<uint32_t>(__floats2bfloat162_rn(a, b));
 }
 
 // Converts the 16 bytes at `src` (16 / sizeof(T) elements of T) to floats.
 template <typename T>
 __device__ __forceinline__ void chunk_to_float(const uint4& src, float* dst) {
-  const T* e = reinterpret_cast<const T*>(&src);
+  T e[16 / sizeof(T)];
+  memcpy(e, &src, sizeof(e));
 #pragma unroll
   for (int i = 0; i < int(16 / sizeof(T)); ++i) dst[i] = to_float(e[i]);
 }
 
-// tanh to ~1e-6 absolute error. Under --use_fast_math tanhf becomes tanh.approx (relative error
-// ~2^-11), too coarse for softcap logits (the cap multiplies the error back up).
-__device__ __forceinline__ float precise_tanh(float x) {
-  const float e = __expf(2.f * x);  // ex2.approx: ~2 ulp; inf / 0 at the ends give +-1 below
-  return 1.f - 2.f / (e + 1.f);
+// tanh to a few ulp, relative, over the whole range. Under --use_fast_math tanhf becomes
+// tanh.approx (relative error ~2^-11), too coarse for softcap logits (the cap multiplies the error
+// back up); 1 - 2 / (e^2x + 1) cancels near 0 (the logits a softcap sees most). expm1f has no
+// fast-math intrinsic, so it stays accurate; |x| >= 9 is +-1 in float (and expm1 would overflow).
+__host__ __device__ __forceinline__ float precise_tanh(float x) {
+  const float e = expm1f(2.f * (fabsf(x) > 9.f ? 9.f : fabsf(x)));  // NaN stays NaN
+  return copysignf(e / (e + 2.f), x);
 }
 
 // ---- async copies --------------------------------------------------------------------------------
