@@ -339,6 +339,10 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "kv_paged::flash_attention", _flash_backward, setup_context=_flash_setup_context
 )
+def _no_context(ctx, inputs, output) -> None:
+    return None
+
+
 torch.library.register_autograd(
-    "kv_paged::paged_attention", _paged_attention_backward, setup_context=lambda ctx, i, o: None
+    "kv_paged::paged_attention", _paged_attention_backward, setup_context=_no_context
 )
