@@ -284,7 +284,14 @@ def _flash_attention_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seq
     torch._check(q.dim() == 3, lambda: "q: expected [total_q, num_heads, head_dim]")
     torch._check(k.dim() == 3, lambda: "k: expected [total_k, num_kv_heads, head_dim]")
     _check_same_device(
-        q, dout=dout, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k
+        q,
+        dout=dout,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
     )
     return q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape)
 
@@ -321,7 +328,9 @@ def _flash_backward(ctx, grad_out, *unused):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if lse is None:
         out, lse = _ops.flash_attention_forward(q, k, v, cu_q, cu_k, *ctx.scalars)
-    dq, dk, dv = _ops.flash_attention_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.scalars)
+    dq, dk, dv = _ops.flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.scalars
+    )
     return (dq, dk, dv) + (None,) * (2 + len(ctx.scalars))
 
 
@@ -339,6 +348,8 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "kv_paged::flash_attention", _flash_backward, setup_context=_flash_setup_context
 )
+
+
 def _no_context(ctx, inputs, output) -> None:
     return None
 

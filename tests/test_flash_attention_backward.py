@@ -7,12 +7,12 @@ opcheck with its autograd checks; torch.compile; the split-dQ path; paged_attent
 
 import pytest
 import torch
+from test_flash_attention import make_varlen
 
 from kv_paged import ops
 
 from conftest import DEVICES, DTYPES, covers_all_pairs, max_err, pairwise_grid, randn
 from reference import flash_attention_reference_grads
-from test_flash_attention import make_varlen
 
 AXES = {
     "head_dim": [64, 80, 96, 256],
@@ -114,13 +114,17 @@ def test_gradcheck(gen):
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
 
         def f(q64, k64, v64):
-            return ops.flash_attention(q64.float(), k64.float(), v64.float(), cq, ck, mq, mk, **kw).double()
+            return ops.flash_attention(
+                q64.float(), k64.float(), v64.float(), cq, ck, mq, mk, **kw
+            ).double()
 
         assert torch.autograd.gradcheck(f, leaves, eps=1e-3, atol=2e-3, rtol=1e-2)
 
 
 def _opcheck_args(gen, requires_grad):
-    q, k, v, cq, ck, mq, mk = make_varlen([(3, 5), (4, 4), (0, 2)], 4, 2, 16, torch.float32, "cpu", gen)
+    q, k, v, cq, ck, mq, mk = make_varlen(
+        [(3, 5), (4, 4), (0, 2)], 4, 2, 16, torch.float32, "cpu", gen
+    )
     q, k, v = (t.detach().clone().requires_grad_(requires_grad) for t in (q, k, v))
     return q, k, v, cq, ck, mq, mk
 
@@ -130,7 +134,9 @@ def test_opcheck(gen):
     scalars = (mq, mk, 0.25, True, 3, 5.0)
     # Default test_utils include test_autograd_registration and test_aot_dispatch_dynamic, which
     # runs the registered backward under AOTAutograd.
-    torch.library.opcheck(torch.ops.kv_paged.flash_attention_forward.default, (q, k, v, cq, ck, *scalars))
+    torch.library.opcheck(
+        torch.ops.kv_paged.flash_attention_forward.default, (q, k, v, cq, ck, *scalars)
+    )
     torch.library.opcheck(torch.ops.kv_paged.flash_attention.default, (q, k, v, cq, ck, *scalars))
     with torch.no_grad():
         out, lse = torch.ops.kv_paged.flash_attention_forward(q, k, v, cq, ck, *scalars)
@@ -148,7 +154,9 @@ def test_torch_compile_grads_equal_eager(gen):
     dout = randn(args[0].shape, torch.float32, gen)
 
     def loss(q, k, v, cq, ck, mq, mk):
-        return (ops.flash_attention(q, k, v, cq, ck, mq, mk, sliding_window=4, softcap=2.0) * dout).sum()
+        return (
+            ops.flash_attention(q, k, v, cq, ck, mq, mk, sliding_window=4, softcap=2.0) * dout
+        ).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     grads = []
@@ -165,7 +173,9 @@ def test_paged_attention_backward_raises(gen):
 
     b = make_paged_batch([5, 9], [2, 1], 4, 2, 16, 4, torch.float32, "cpu", gen)
     query = b.query.detach().clone().requires_grad_()
-    out = ops.paged_attention(query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens_kv)
+    out = ops.paged_attention(
+        query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens_kv
+    )
     with pytest.raises(RuntimeError, match="paged_attention is inference-only"):
         out.sum().backward()
 
@@ -195,11 +205,25 @@ def _bad_backward_cases():
 @pytest.mark.parametrize("mutate, match", _bad_backward_cases())
 def test_backward_bad_input(mutate, match, gen):
     q, k, v, cq, ck, mq, mk = make_varlen([(3, 5), (4, 4)], 4, 2, 16, torch.float32, "cpu", gen)
-    out, lse = torch.ops.kv_paged.flash_attention_forward(q, k, v, cq, ck, mq, mk, 0.25, True, 0, 0.0)
+    out, lse = torch.ops.kv_paged.flash_attention_forward(
+        q, k, v, cq, ck, mq, mk, 0.25, True, 0, 0.0
+    )
     a = dict(dout=torch.randn_like(out), q=q, k=k, v=v, out=out, lse=lse, cu_q=cq, cu_k=ck)
     mutate(a)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.kv_paged.flash_attention_backward(
-            a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"], a["cu_q"], a["cu_k"], mq, mk,
-            0.25, True, 0, 0.0,
+            a["dout"],
+            a["q"],
+            a["k"],
+            a["v"],
+            a["out"],
+            a["lse"],
+            a["cu_q"],
+            a["cu_k"],
+            mq,
+            mk,
+            0.25,
+            True,
+            0,
+            0.0,
         )

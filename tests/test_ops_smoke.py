@@ -39,7 +39,10 @@ def test_flash_attention_smoke(gen):
 
 
 def test_flash_attention_backward_smoke(gen):
-    q, k, v = (torch.randn(n, h, 32, generator=gen).requires_grad_() for n, h in ((10, 4), (12, 2), (12, 2)))
+    q, k, v = (
+        torch.randn(n, h, 32, generator=gen).requires_grad_()
+        for n, h in ((10, 4), (12, 2), (12, 2))
+    )
     cq = torch.tensor([0, 4, 10], dtype=torch.int32)
     ck = torch.tensor([0, 7, 12], dtype=torch.int32)
     dout = torch.randn(10, 4, 32, generator=gen)
