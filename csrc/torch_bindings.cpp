@@ -52,6 +52,17 @@ TORCH_LIBRARY(kv_paged, m) {
       "flash_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, int sliding_window, "
       "float softcap) -> Tensor");
+  // Training: the forward that also returns lse, float32 [total_q, num_heads] (log of each row's
+  // softmax sum, -inf for a row that sees no key), and the backward that recomputes P from it.
+  // dout: [total_q, num_heads, head_dim]; returns (dq like q, dk like k, dv like v), contiguous.
+  m.def(
+      "flash_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal, "
+      "int sliding_window, float softcap) -> (Tensor, Tensor)");
+  m.def(
+      "flash_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
+      "bool causal, int sliding_window, float softcap) -> (Tensor, Tensor, Tensor)");
 
   // ---- Block manager --------------------------------------------------------------------------
   kv_paged::register_block_manager_class(m);

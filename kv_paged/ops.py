@@ -7,6 +7,8 @@ Conventions (shared with the CUDA kernels, see csrc/torch_bindings.cpp):
   scale None -> 1 / sqrt(head_dim); sliding_window None or <= 0 -> off, else the query at kv position
   p sees keys in (p - w, p]; softcap None or <= 0 -> off, else logits -> c * tanh(logits / c).
 dtypes: float32, float16, bfloat16 (fp32 accumulation inside).
+Autograd: flash_attention is differentiable (register_autograd below); paged_attention is
+inference-only and its backward raises.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["reshape_and_cache", "paged_attention", "flash_attention", "copy_blocks", "swap_blocks"]
+__all__ = [
+    "reshape_and_cache",
+    "paged_attention",
+    "flash_attention",
+    "flash_attention_backward",
+    "copy_blocks",
+    "swap_blocks",
+]
 
 _ops = torch.ops.kv_paged
 
@@ -115,11 +124,61 @@ def flash_attention(
 
     When q_len != k_len, causal alignment is bottom-right (FlashAttention 2): query i sits at kv
     position k_len - q_len + i; a query row that sees no key outputs zeros.
+
+    Differentiable in q, k, v (eager and torch.compile): when a gradient is needed the forward also
+    saves each row's log-sum-exp and the backward recomputes the probabilities tile by tile
+    (flash_attention_backward), so training memory stays O(N) as well.
     """
-    return _ops.flash_attention(
+    args = (
         q,
         k,
         v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+        _scale(scale, q.shape[-1]),
+        causal,
+        _window(sliding_window),
+        _softcap(softcap),
+    )
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _ops.flash_attention_forward(*args)[0]
+    return _ops.flash_attention(*args)
+
+
+def flash_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of flash_attention (the autograd formula calls this; exposed for benchmarks).
+
+    dout, out:    [total_q, num_heads, head_dim] (out: the forward's output)
+    lse:          float32 [total_q, num_heads] from torch.ops.kv_paged.flash_attention_forward
+    other args:   as flash_attention
+    returns:      (dq [total_q, num_heads, head_dim], dk, dv [total_k, num_kv_heads, head_dim]),
+                  contiguous, q's dtype; dk/dv are summed over each GQA group.
+    """
+    return _ops.flash_attention_backward(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
         cu_seqlens_q,
         cu_seqlens_k,
         int(max_seqlen_q),
@@ -214,6 +273,29 @@ def _flash_attention_fake(
     return q.new_empty(q.shape)
 
 
+@torch.library.register_fake("kv_paged::flash_attention_forward")
+def _flash_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, *args):
+    out = _flash_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, *args)
+    return out, q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("kv_paged::flash_attention_backward")
+def _flash_attention_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *args):
+    torch._check(q.dim() == 3, lambda: "q: expected [total_q, num_heads, head_dim]")
+    torch._check(k.dim() == 3, lambda: "k: expected [total_k, num_kv_heads, head_dim]")
+    _check_same_device(
+        q,
+        dout=dout,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+    )
+    return q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape)
+
+
 @torch.library.register_fake("kv_paged::copy_blocks")
 def _copy_blocks_fake(k_caches, v_caches, block_mapping) -> None:
     return None
@@ -222,3 +304,56 @@ def _copy_blocks_fake(k_caches, v_caches, block_mapping) -> None:
 @torch.library.register_fake("kv_paged::swap_blocks")
 def _swap_blocks_fake(src, dst, block_mapping) -> None:
     return None
+
+
+# ---- autograd --------------------------------------------------------------------------------
+# flash_attention_forward saves (q, k, v, out, lse); its backward is one flash_attention_backward
+# call. The plain flash_attention op (no lse) is differentiable too: its backward first reruns the
+# forward for the lse. The non-tensor arguments (max_seqlen_*, scale, causal, window, softcap) are
+# inputs 5..10 of both ops and pass through unchanged.
+
+
+def _flash_setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens_q, cu_seqlens_k = inputs[:5]
+    if isinstance(output, tuple):
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+    else:
+        out, lse = output, None
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.scalars = tuple(inputs[5:])
+
+
+def _flash_backward(ctx, grad_out, *unused):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if lse is None:
+        out, lse = _ops.flash_attention_forward(q, k, v, cu_q, cu_k, *ctx.scalars)
+    dq, dk, dv = _ops.flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.scalars
+    )
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.scalars))
+
+
+def _paged_attention_backward(ctx, grad_out):
+    raise RuntimeError(
+        "paged_attention is inference-only: it has no backward (its K/V live in a KV-cache pool "
+        "written in place). To train, run the model without a PagedCache / Engine, where "
+        'attn_implementation="kv_paged" uses the differentiable flash_attention'
+    )
+
+
+torch.library.register_autograd(
+    "kv_paged::flash_attention_forward", _flash_backward, setup_context=_flash_setup_context
+)
+torch.library.register_autograd(
+    "kv_paged::flash_attention", _flash_backward, setup_context=_flash_setup_context
+)
+
+
+def _no_context(ctx, inputs, output) -> None:
+    return None
+
+
+torch.library.register_autograd(
+    "kv_paged::paged_attention", _paged_attention_backward, setup_context=_no_context
+)

@@ -126,3 +126,45 @@ def flash_attention_reference(
             dtype=dtype,
         )
     return out
+
+
+def flash_attention_reference_grads(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    dout,
+    *,
+    scale,
+    causal=True,
+    sliding_window=None,
+    softcap=None,
+    dtype=torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in `dtype`: autograd through the dense reference per sequence, with upstream
+    gradient dout [total_q, num_heads, head_dim]. Rows that see no key get zero gradients."""
+    qd, kd, vd = (t.detach().cpu().to(dtype).requires_grad_() for t in (q, k, v))
+    cq, ck = cu_seqlens_q.cpu().tolist(), cu_seqlens_k.cpu().tolist()
+    group = q.shape[1] // k.shape[1]
+    outs = []
+    for i in range(len(cq) - 1):
+        qs, ks, vs = qd[cq[i] : cq[i + 1]], kd[ck[i] : ck[i + 1]], vd[ck[i] : ck[i + 1]]
+        mask = visible_mask(qs.shape[0], ks.shape[0], causal, sliding_window)
+        seen = mask.any(dim=1)
+        if qs.shape[0] == 0 or not bool(seen.any()):
+            outs.append(torch.zeros_like(qs))
+            continue
+        kh = ks.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, kv_len, D]
+        vh = vs.repeat_interleave(group, dim=1).transpose(0, 1)
+        logits = (qs[seen].transpose(0, 1) @ kh.transpose(1, 2)) * scale  # [H, seen rows, kv_len]
+        if softcap is not None and softcap > 0:
+            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits.masked_fill(~mask[seen], float("-inf"))
+        rows = (torch.softmax(logits, dim=-1) @ vh).transpose(0, 1)
+        outs.append(torch.zeros_like(qs).index_put((seen.nonzero().squeeze(1),), rows))
+    out = torch.cat(outs) if outs else qd * 0
+    if out.requires_grad:  # else no row sees a key and every gradient is zero
+        out.backward(dout.detach().cpu().to(dtype))
+    grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in (qd, kd, vd))
+    return grads

@@ -1,12 +1,16 @@
-"""Quick end-to-end check of the five ops on one small adversarial point each (the full grids live
-in tests/test_<op>.py)."""
+"""Quick end-to-end check of the ops on one small adversarial point each, flash_attention's backward
+included (the full grids live in tests/test_<op>.py)."""
 
 import torch
 
 from kv_paged import ops
 
 from conftest import assert_close_to_reference, make_paged_batch
-from reference import flash_attention_reference, paged_attention_reference
+from reference import (
+    flash_attention_reference,
+    flash_attention_reference_grads,
+    paged_attention_reference,
+)
 
 
 def test_paged_attention_smoke(gen):
@@ -32,6 +36,20 @@ def test_flash_attention_smoke(gen):
     ref = flash_attention_reference(q, k, v, cq, ck, scale=32**-0.5)
     same = flash_attention_reference(q, k, v, cq, ck, scale=32**-0.5, dtype=torch.float32)
     assert_close_to_reference(out, ref, same)
+
+
+def test_flash_attention_backward_smoke(gen):
+    q, k, v = (
+        torch.randn(n, h, 32, generator=gen).requires_grad_()
+        for n, h in ((10, 4), (12, 2), (12, 2))
+    )
+    cq = torch.tensor([0, 4, 10], dtype=torch.int32)
+    ck = torch.tensor([0, 7, 12], dtype=torch.int32)
+    dout = torch.randn(10, 4, 32, generator=gen)
+    ops.flash_attention(q, k, v, cq, ck, 6, 7, softcap=4.0).backward(dout)
+    ref = flash_attention_reference_grads(q, k, v, cq, ck, dout, scale=32**-0.5, softcap=4.0)
+    for got, want in zip((q.grad, k.grad, v.grad), ref):
+        assert (got.double() - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
 
 
 def test_cache_ops_smoke(gen):

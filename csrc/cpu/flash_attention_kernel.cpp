@@ -3,6 +3,7 @@
 // the GQA group; kv is walked in tiles of kKvTile with an online softmax, so per-thread memory is
 // O(tile * head_dim) and the [q_len, k_len] score matrix never exists. Causal alignment is
 // bottom-right: query i of a sequence sits at kv position k_len - q_len + i (FlashAttention 2).
+// With p.lse set it also writes each row's log-sum-exp, which the backward needs.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -70,6 +71,12 @@ void flash_attention(const FlashAttentionParams& p) {
       for (int64_t t = 0; t < c.count; ++t) {
         const int64_t token = q_start + c.first + t;
         for (int64_t g = 0; g < G; ++g) {
+          if (p.lse != nullptr) {
+            // s.m, s.l are the row's final max and sum: the backward recomputes P = exp(x - lse).
+            const int64_t r = t * G + g;
+            p.lse[token * p.num_heads + h * G + g] =
+                s.l[r] > 0.f ? s.m[r] + std::log(s.l[r]) : -std::numeric_limits<float>::infinity();
+          }
           store_row(s.acc.data() + (t * G + g) * D,
                     out + token * p.out_stride_token + (h * G + g) * p.out_stride_head, D);
         }

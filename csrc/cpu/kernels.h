@@ -29,4 +29,8 @@ void paged_attention(const PagedAttentionParams& p);
 template <typename T>
 void flash_attention(const FlashAttentionParams& p);
 
+// dq, dk, dv of flash_attention from dout, out and lse (p.dout, p.lse, p.dq, p.dk, p.dv set).
+template <typename T>
+void flash_attention_backward(const FlashAttentionParams& p);
+
 }  // namespace kv_paged::cpu

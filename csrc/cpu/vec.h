@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -140,6 +141,36 @@ inline void scale_row(float* y, float alpha, int64_t n) {
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(a, _mm256_loadu_ps(y + i)));
 #endif
   for (; i < n; ++i) y[i] *= alpha;
+}
+
+// x[0, n) = exp(x[0, n) - shift). AVX2: Cephes' polynomial after a range reduction by ln 2 (about
+// 1 ulp relative error; inputs below ~-87 give 0), so the backward's P costs no libm call per element.
+inline void exp_shifted(float* x, float shift, int64_t n) {
+  int64_t i = 0;
+#ifdef KV_PAGED_CPU_AVX2
+  const __m256 s = _mm256_set1_ps(shift), hi = _mm256_set1_ps(88.3762626647949f),
+               lo = _mm256_set1_ps(-88.3762626647949f), log2e = _mm256_set1_ps(1.44269504088896341f),
+               c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f),
+               one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + i), s);
+    v = _mm256_max_ps(_mm256_min_ps(v, hi), lo);
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_fnmadd_ps(fx, c1, v);
+    v = _mm256_fnmadd_ps(fx, c2, v);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(v, v), _mm256_add_ps(v, one));
+    // 2^fx through the exponent bits; fx >= -127 after the clamp, so -127 gives +0.
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+  }
+#endif
+  for (; i < n; ++i) x[i] = std::exp(x[i] - shift);
 }
 
 // Four query rows against one K row (out[i] = sum q[i][.] * k[.]) and one V row into four

@@ -2,9 +2,11 @@
 // prefill kernel (prefill_attention_kernel.cuh); rows that are not 16-byte aligned (odd head_dim,
 // odd strides) are first copied into zero-padded tensors, which changes no score. fp32 runs the
 // split-KV CUDA-core kernel (decode_attention_kernel.cuh): correct for any shape, not tuned.
+// flash_attention_forward is the same call with each row's LSE written too (for the backward).
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 
 #include "kv_paged/decode_attention_kernel.cuh"
@@ -44,15 +46,18 @@ at::Tensor pad_head_dim(const at::Tensor& x) {
 }
 
 // q: [total_q, num_heads, head_dim]; k, v: [total_k, num_kv_heads, head_dim]; cu_seqlens_q,
-// cu_seqlens_k: int32 [num_seqs + 1]. Returns [total_q, num_heads, head_dim] in q's dtype.
-at::Tensor flash_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-                                bool causal, int64_t sliding_window, double softcap) {
+// cu_seqlens_k: int32 [num_seqs + 1]; lse: undefined or float32 [total_q, num_heads] to fill.
+// Returns [total_q, num_heads, head_dim] in q's dtype.
+at::Tensor run_flash_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                    bool causal, int64_t sliding_window, double softcap,
+                                    const at::Tensor& lse) {
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  const FlashAttentionParams params =
+  FlashAttentionParams params =
       make_flash_attention_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   scale, causal, sliding_window, softcap, out);
+  if (lse.defined()) params.lse = lse.data_ptr<float>();
   TORCH_CHECK(params.head_dim <= 256, "flash_attention: q head_dim ", params.head_dim,
               " is over the CUDA kernels' limit of 256");
   for (const at::Tensor* t : {&cu_seqlens_q, &cu_seqlens_k}) {
@@ -71,9 +76,9 @@ at::Tensor flash_attention_cuda(const at::Tensor& q, const at::Tensor& k, const 
   dp.vec_ok = cuda::rows_16b_aligned<false>(dp.prob, q.element_size());
   if (dtype != at::kFloat && !dp.vec_ok) {
     // Tensor-core kernel needs 16-byte rows: run it on zero-padded copies, then keep head_dim.
-    at::Tensor out_padded = flash_attention_cuda(pad_head_dim(q), pad_head_dim(k), pad_head_dim(v),
-                                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                 max_seqlen_k, scale, causal, sliding_window, softcap);
+    at::Tensor out_padded = run_flash_attention_cuda(
+        pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, scale, causal, sliding_window, softcap, lse);
     out.copy_(out_padded.narrow(2, 0, params.head_dim));
     return out;
   }
@@ -104,8 +109,32 @@ at::Tensor flash_attention_cuda(const at::Tensor& q, const at::Tensor& k, const 
   return out;
 }
 
+at::Tensor flash_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                bool causal, int64_t sliding_window, double softcap) {
+  return run_flash_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  scale, causal, sliding_window, softcap, at::Tensor());
+}
+
+// As flash_attention_cuda, plus lse: float32 [total_q, num_heads] (-inf where a row sees no key).
+std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    bool causal, int64_t sliding_window, double softcap) {
+  TORCH_CHECK(q.dim() == 3, "q: expected a 3-D tensor [total_q, num_heads, head_dim], got shape ",
+              q.sizes());
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor out = run_flash_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, scale, causal, sliding_window, softcap, lse);
+  return {out, lse};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kv_paged, CUDA, m) { m.impl("flash_attention", &flash_attention_cuda); }
+TORCH_LIBRARY_IMPL(kv_paged, CUDA, m) {
+  m.impl("flash_attention", &flash_attention_cuda);
+  m.impl("flash_attention_forward", &flash_attention_forward_cuda);
+}
 
 }  // namespace kv_paged

@@ -261,6 +261,44 @@ FlashAttentionParams make_flash_attention_params(
   return p;
 }
 
+FlashAttentionParams make_flash_attention_backward_params(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    bool causal, int64_t sliding_window, double softcap, const at::Tensor& dq, const at::Tensor& dk,
+    const at::Tensor& dv) {
+  check_rank(out, "out", 3, "[total_q, num_heads, head_dim]");
+  check_same_dtype(out, "out", q, "q");
+  check_device(out, "out", q, "q");
+  TORCH_CHECK(out.sizes() == q.sizes(), "out: shape ", out.sizes(), " does not match q shape ",
+              q.sizes());
+  FlashAttentionParams p =
+      make_flash_attention_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  scale, causal, sliding_window, softcap, out);
+  check_rank(dout, "dout", 3, "[total_q, num_heads, head_dim]");
+  check_same_dtype(dout, "dout", q, "q");
+  check_device(dout, "dout", q, "q");
+  TORCH_CHECK(dout.sizes() == q.sizes(), "dout: shape ", dout.sizes(), " does not match q shape ",
+              q.sizes());
+  TORCH_CHECK(dout.is_contiguous(), "dout: must be contiguous");
+  check_rank(lse, "lse", 2, "of float32 [total_q, num_heads]");
+  check_dtype(lse, "lse", at::kFloat);
+  check_device(lse, "lse", q, "q");
+  TORCH_CHECK(lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.is_contiguous(),
+              "lse: expected a contiguous float32 [total_q, num_heads] = [", q.size(0), ", ",
+              q.size(1), "], got shape ", lse.sizes());
+  TORCH_CHECK(dq.sizes() == q.sizes() && dq.is_contiguous(), "dq: must be contiguous like q");
+  TORCH_CHECK(dk.sizes() == k.sizes() && dk.is_contiguous() && dv.sizes() == k.sizes() &&
+                  dv.is_contiguous(),
+              "dk, dv: must be contiguous like k");
+  p.dout = dout.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  return p;
+}
+
 void check_copy_blocks_args(at::TensorList k_caches, at::TensorList v_caches,
                             const at::Tensor& block_mapping) {
   TORCH_CHECK(k_caches.size() == v_caches.size(), "v_caches: expected ", k_caches.size(),

@@ -34,6 +34,16 @@ FlashAttentionParams make_flash_attention_params(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     bool causal, int64_t sliding_window, double softcap, const at::Tensor& out);
 
+// Backward of flash_attention: the forward's checks plus dout (shaped and typed like q), lse (float32
+// [total_q, num_heads], contiguous) and the gradients dq (like out), dk, dv (contiguous like k).
+// `out` and `dout` must already be contiguous (the glue makes them so).
+FlashAttentionParams make_flash_attention_backward_params(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    bool causal, int64_t sliding_window, double softcap, const at::Tensor& dq, const at::Tensor& dk,
+    const at::Tensor& dv);
+
 // k_caches[i], v_caches[i]: one layer's pools (same shape, dtype, device for every tensor);
 // block_mapping: int64 [n, 2]. Metadata only; pair values via check_block_mapping.
 void check_copy_blocks_args(at::TensorList k_caches, at::TensorList v_caches,

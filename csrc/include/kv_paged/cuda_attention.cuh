@@ -51,6 +51,7 @@ struct AttentionProblem {
   PagedKvSource paged;
   ContiguousKvSource contiguous;
   int64_t* error_sink = nullptr;  // int64 [4] under KV_PAGED_DEBUG=1, else null
+  float* lse = nullptr;  // [total_q, num_heads] fp32: each row's log-sum-exp when non-null (training)
 };
 
 namespace cuda {
@@ -224,6 +225,7 @@ inline AttentionProblem make_problem(const FlashAttentionParams& s) {
   p.contiguous.total_k = s.total_k;
   p.contiguous.k_stride_token = s.k_stride_token; p.contiguous.k_stride_head = s.k_stride_head;
   p.contiguous.v_stride_token = s.v_stride_token; p.contiguous.v_stride_head = s.v_stride_head;
+  p.lse = s.lse;
   return p;
 }
 

@@ -274,6 +274,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
           T* o = static_cast<T*>(p.out) + tok * p.out_stride_token + head * p.out_stride_head;
           if (d0 < D) o[d0] = from_float<T>(acc[i][0] * inv);
           if (d0 + 1 < D) o[d0 + 1] = from_float<T>(acc[i][1] * inv);
+          if (pair == 0 && p.lse != nullptr) {
+            p.lse[int64_t(tok) * p.num_heads + head] = l > 0.f ? row_m[r] + __logf(l) : kNegInf;
+          }
         } else {
           const int64_t idx = (int64_t(split) * p.total_q + tok) * p.num_heads + head;
           float* o = dp.partial_out + idx * D;
@@ -305,6 +308,7 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(const DecodeAttention
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     if (s < S) w[s] = sum > 0.f ? e / sum : 0.f;
+    if (s == 0 && p.lse != nullptr) p.lse[q * p.num_heads + h] = sum > 0.f ? mx + __logf(sum) : kNegInf;
   }
   __syncthreads();
   const int D = int(p.head_dim);

@@ -90,6 +90,16 @@ struct FlashAttentionParams {
   float softcap = 0.f;
   int64_t sliding_window = 0;
   bool causal = true;
+  // Forward: written when non-null. Backward: read. Natural log of each row's softmax sum, in the
+  // (scaled, capped) logit space; -inf for a row that sees no key.
+  float* lse = nullptr;  // [total_q, num_heads] fp32, contiguous
+  // Backward only (flash_attention_backward): dout like out; dq like q; dk, dv like k, all
+  // contiguous. q, k, v keep the strides above.
+  const void* dout = nullptr;  // [total_q, num_heads, head_dim], strides of out
+  void* dq = nullptr;          // [total_q, num_heads, head_dim], strides of out
+  void* dk = nullptr;          // [total_k, num_kv_heads, head_dim], contiguous
+  void* dv = nullptr;          // [total_k, num_kv_heads, head_dim], contiguous
+  float* dq_accum = nullptr;   // CUDA backward: [total_q, num_heads, head_dim] fp32, zeroed
 };
 
 }  // namespace kv_paged

@@ -227,6 +227,10 @@ __global__ void __launch_bounds__(kPrefillThreads)
     const int r = warp * 16 + g + 8 * h;
     if (r >= qt.count) continue;
     const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+    if (p.lse != nullptr && tig == 0) {  // the backward recomputes P = exp(x - lse)
+      p.lse[int64_t(qt.q_start + qt.begin + r) * p.num_heads + head] =
+          l[h] > 0.f ? m[h] + __logf(l[h]) : kNegInf;
+    }
     T* orow = out + int64_t(qt.q_start + qt.begin + r) * p.out_stride_token + head * p.out_stride_head;
 #pragma unroll
     for (int d = 0; d < C::kDTiles; ++d) {
