@@ -8,9 +8,12 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
+
+#include <sys/mman.h>
 
 #include "emu_check.h"
 #include "kv_paged/cuda_attention.cuh"
@@ -27,6 +30,7 @@ struct AttnCase {
   float softcap = 0.f;
   int num_splits = 1;  // decode kernel only: forced split-KV count
   int q_pad = 0;       // elements between query tokens' rows (a strided query view)
+  bool huge_pool = false;  // paged: a pool past 2^31 elements (sparse mmap), blocks at its top
 
   std::string describe() const {
     std::string s = (paged ? "paged bs=" + std::to_string(block_size) : std::string("contiguous")) +
@@ -38,6 +42,7 @@ struct AttnCase {
     if (softcap > 0) s += " softcap=" + std::to_string(int(softcap));
     if (num_splits > 1) s += " splits=" + std::to_string(num_splits);
     if (q_pad) s += " q_pad=" + std::to_string(q_pad);
+    if (huge_pool) s += " pool>2^31";
     return s;
   }
 };
@@ -46,7 +51,10 @@ struct AttnCase {
 template <typename T>
 struct AttnData {
   AttnCase c;
-  std::vector<T> q, kv, out;  // kv: interleaved pool (paged) or [2][total_k][kv_heads][D]
+  std::vector<T> q, out;
+  std::vector<T> kv;  // interleaved pool (paged) or [2][total_k][kv_heads][D]
+  T* pool = nullptr;  // the paged pool: kv.data(), or a sparse mapping for huge_pool
+  size_t mapped_bytes = 0;
   std::vector<int32_t> cu_q, cu_k, seq_lens, tables;
   int total_q = 0, total_k = 0, max_blocks = 0;
   kv_paged::AttentionProblem prob;
@@ -86,11 +94,23 @@ struct AttnData {
       const int used = std::accumulate(seq_lens.begin(), seq_lens.end(), 0, [&](int a, int k) {
         return a + (k + c.block_size - 1) / c.block_size;
       });
-      const int nb = used + 2;  // the last block pads every table row
       const int64_t row = int64_t(KH) * D, block = int64_t(c.block_size) * row;
-      kv.assign(size_t(2 * nb * block), nan_of<T>());
-      std::vector<int32_t> ids(nb - 1);
-      std::iota(ids.begin(), ids.end(), 0);
+      // The last block pads every table row; a huge pool puts the used blocks just below it, past
+      // element 2^31, and leaves the untouched rest unmapped (zero pages).
+      const int nb = c.huge_pool ? int((int64_t(1) << 31) / (2 * block)) + used + 2 : used + 2;
+      if (c.huge_pool) {
+        mapped_bytes = size_t(2 * int64_t(nb) * block) * sizeof(T);
+        void* m = mmap(nullptr, mapped_bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) throw std::runtime_error("mmap of the >2^31-element pool refused");
+        pool = static_cast<T*>(m);
+        std::fill(pool + (nb - used - 1) * 2 * block, pool + nb * 2 * block, nan_of<T>());
+      } else {
+        kv.assign(size_t(2 * nb * block), nan_of<T>());
+        pool = kv.data();
+      }
+      std::vector<int32_t> ids(used);
+      std::iota(ids.begin(), ids.end(), nb - 1 - used);
       std::shuffle(ids.begin(), ids.end(), rng);
       tables.assign(c.seqs.size() * std::max(max_blocks, 1), nb - 1);
       std::uniform_real_distribution<float> u(-1.f, 1.f);
@@ -100,14 +120,14 @@ struct AttnData {
           if (t % c.block_size == 0) tables[b * std::max(max_blocks, 1) + t / c.block_size] = ids[next++];
           const int64_t blk = tables[b * std::max(max_blocks, 1) + t / c.block_size];
           for (int64_t e = 0; e < row; ++e) {
-            kv[size_t(blk * 2 * block + (t % c.block_size) * row + e)] = from_f<T>(u(rng));
-            kv[size_t(blk * 2 * block + block + (t % c.block_size) * row + e)] = from_f<T>(u(rng));
+            pool[size_t(blk * 2 * block + (t % c.block_size) * row + e)] = from_f<T>(u(rng));
+            pool[size_t(blk * 2 * block + block + (t % c.block_size) * row + e)] = from_f<T>(u(rng));
           }
         }
       }
       kv_paged::CacheLayout l{nb, c.block_size, KH, D, 2 * block, row, D};
-      prob.k = kv.data();
-      prob.v = kv.data() + block;
+      prob.k = pool;
+      prob.v = pool + block;
       prob.paged.block_tables = tables.data();
       prob.paged.seq_lens_kv = seq_lens.data();
       prob.paged.block_table_stride = std::max(max_blocks, 1);
@@ -124,6 +144,12 @@ struct AttnData {
       prob.contiguous.k_stride_head = prob.contiguous.v_stride_head = D;
     }
   }
+
+  ~AttnData() {
+    if (mapped_bytes) munmap(pool, mapped_bytes);
+  }
+  AttnData(const AttnData&) = delete;
+  AttnData& operator=(const AttnData&) = delete;
 
   // K or V element (is_v, sequence b, key t, kv head, d) as the reference reads it.
   long double kv_at(bool is_v, int b, int t, int kh, int d) const {

@@ -107,6 +107,9 @@ void run_decode_cases(const std::string& filter) {
   c.causal = false, c.softcap = 5.f;
   add(float(), c);
   cases.emplace_back("error sink", [&rng] { run_sink_case(rng); });
+  c = C(64, 2, 1, {{1, 40}, {1, 17}}, true, 16);  // block ids past 2^31 elements: 64-bit offsets
+  c.huge_pool = true, c.num_splits = 2;
+  add(__half(), c);
   for (auto& [name, run] : cases) {
     if (filter.empty() || name.find(filter) != std::string::npos) run();
   }

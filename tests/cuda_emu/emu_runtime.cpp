@@ -5,7 +5,9 @@
 // l/4, columns 2(l%4), 2(l%4)+1 of each matrix, transposed under .trans).
 #include "emu_runtime.h"
 
+#include <signal.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdarg>
@@ -238,6 +240,33 @@ void compute(Warp& w, int slot) {
   }
 }
 
+// A kernel's wild access ends the run as a failure naming the block and thread, not a bare crash.
+void on_fault(int sig) {
+  char msg[160];
+  const int n = std::snprintf(msg, sizeof msg,
+                              "EMULATOR: signal %d in a kernel (block %u,%u,%u thread %d): an "
+                              "out-of-range access\n", sig, g_block_idx.x, g_block_idx.y,
+                              g_block_idx.z, g_cur);
+  if (write(2, msg, size_t(n)) < 0) {}
+  _exit(1);
+}
+
+void install_fault_handler() {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  static std::vector<char> alt(64 * 1024);
+  stack_t ss{};
+  ss.ss_sp = alt.data();
+  ss.ss_size = alt.size();
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa {};
+  sa.sa_handler = on_fault;
+  sa.sa_flags = SA_ONSTACK;
+  sigaction(SIGSEGV, &sa, nullptr);
+  sigaction(SIGBUS, &sa, nullptr);
+}
+
 }  // namespace
 
 uint3 g_block_idx;
@@ -360,6 +389,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*bod
     g_last_error = cudaErrorInvalidValue;
     return;
   }
+  install_fault_handler();
   g_block_dim = block;
   g_grid_dim = grid;
   g_body = body;

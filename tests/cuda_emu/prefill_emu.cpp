@@ -59,6 +59,9 @@ void run_prefill_cases(const std::string& filter) {
   c = C(128, 4, 1, {{20, 260}}, true, 32);  // GQA 4, sliding window and softcap over 5 tiles
   c.window = 100, c.softcap = 30.f;
   add(__nv_bfloat16(), c);
+  c = C(64, 2, 2, {{24, 90}}, true, 16);  // block ids past 2^31 elements: 64-bit offsets
+  c.huge_pool = true;
+  add(__nv_bfloat16(), c);
   for (auto& [name, run] : cases) {
     if (filter.empty() || name.find(filter) != std::string::npos) run();
   }

@@ -48,6 +48,7 @@ done
 # Planted faults: each must make some case fail (exit 1); exit 3 = the fault never fired.
 # barrier:<file>#<k> drops the k-th distinct __syncthreads of the file in order of first execution.
 faults=(
+  "--suites decode --schedule warp-alone --fault barrier:decode_attention_kernel.cuh#1"  # setup -> tiles
   "--suites decode --schedule reverse --fault barrier:decode_attention_kernel.cuh#3"     # scores -> softmax
   "--suites decode --schedule warp-alone --fault barrier:decode_attention_kernel.cuh#4"  # softmax -> PV
   "--suites decode --schedule warp-alone --fault barrier:decode_attention_kernel.cuh#6"  # pass -> next pass
