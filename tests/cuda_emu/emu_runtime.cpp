@@ -191,7 +191,11 @@ void compute(Warp& w, int slot) {
           error("ldmatrix: lane %d row address not 16-byte aligned shared memory", l);
       }
       if (g_errors) break;
-      const bool trans = w.op == Op::kLdmatrixTrans;
+      bool trans = w.op == Op::kLdmatrixTrans;
+      if (trans && g_opt.fault == "ldmatrix-no-trans") {
+        ++g_fault_hits;
+        trans = false;
+      }
       for (int l = 0; l < 32; ++l) {
         for (int i = 0; i < 4; ++i) {
           uint16_t e[2];

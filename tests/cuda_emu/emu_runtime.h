@@ -19,6 +19,7 @@ struct Options {
   //   "barrier:<file>#<k>"  the k-th distinct __syncthreads of <file> (in order of first execution)
   //                         does nothing
   //   "mma-a-swap"          mma.sync gets A fragment registers 1 and 2 swapped
+  //   "ldmatrix-no-trans"   ldmatrix .trans loads untransposed (the kernel calling the wrong one)
   //   "weak-wait"           cp.async.wait_group N retires one group fewer than it must
   std::string fault;
 };

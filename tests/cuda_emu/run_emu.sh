@@ -55,7 +55,9 @@ faults=(
   "--suites decode --deferred --fault barrier:decode_attention_kernel.cuh#2"             # copies -> scores
   "--suites prefill --schedule reverse --fault barrier:prefill_attention_kernel.cuh#1"   # copies -> mma
   "--suites prefill --schedule warp-alone --fault barrier:prefill_attention_kernel.cuh#2" # reads -> overwrite
+  "--suites decode --schedule reverse --fault barrier:decode_attention_kernel.cuh#7"     # merge weights
   "--suites prefill --fault mma-a-swap"
+  "--suites prefill --fault ldmatrix-no-trans"
   "--suites decode,prefill --deferred --fault weak-wait"
 )
 for f in "${faults[@]}"; do
