@@ -27,12 +27,12 @@ OLDEST_VENV := .venv-oldest
 OLDEST_TESTS := tests/test_hf_cache.py tests/test_hf_models.py tests/test_hf_beam.py tests/test_engine_beam.py \
   tests/test_hf_wrapper.py tests/test_interrupts.py tests/test_engine.py tests/test_beam_search.py
 
-.PHONY: demo test build python-env gtest cpp-test cuda-check lint pytest test-oldest bench clean
+.PHONY: demo test build python-env gtest cpp-test cuda-check cuda-emu lint pytest test-oldest bench clean
 
 demo: build
 	$(PYTHON) -m kv_paged demo
 
-test: build cpp-test cuda-check lint pytest test-oldest
+test: build cpp-test cuda-check cuda-emu lint pytest test-oldest
 
 # Python environment: torch (pinned, only when none is importable) and the test/demo dependencies.
 # Each is installed only when missing, so this works offline where everything is already there.
@@ -77,6 +77,13 @@ cpp-test: gtest
 cuda-check:
 	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(PYTHON) bash tools/cuda_check.sh; \
 	else echo "cuda-check: nvcc not found, skipped"; fi
+
+# The CUDA kernels run on the CPU: the unmodified kernel headers built by g++ over an emulator of
+# threads, barriers, warp collectives, ldmatrix / mma.sync and cp.async (tests/cuda_emu/), checked
+# against a long double reference under adversarial schedules, plus planted faults it must catch.
+# Needs CUDA's headers only; skipped (loudly) without them outside CI.
+cuda-emu:
+	@bash tests/cuda_emu/run_emu.sh
 
 # ruff lint + format check (config in pyproject.toml); skipped where ruff is missing (offline GPU machine).
 lint: python-env

@@ -160,12 +160,15 @@ inline cudaError_t launch_reshape_and_cache(const ReshapeAndCacheCudaParams& cp,
   const int64_t units = 2 * p.k_layout.num_kv_heads * p.k_layout.head_dim * es / unit;
   const int threads = int(std::min<int64_t>(256, std::max<int64_t>(32, (units + 31) / 32 * 32)));
   const dim3 grid(static_cast<unsigned>(p.num_tokens));
+  auto launch = [&](void (*kernel)(ReshapeAndCacheCudaParams)) {
+    KV_PAGED_LAUNCH(kernel, grid, threads, 0, stream, cp);
+  };
   switch (unit) {
-    case 16: cuda::reshape_and_cache_kernel<uint4><<<grid, threads, 0, stream>>>(cp); break;
-    case 8: cuda::reshape_and_cache_kernel<uint2><<<grid, threads, 0, stream>>>(cp); break;
-    case 4: cuda::reshape_and_cache_kernel<uint32_t><<<grid, threads, 0, stream>>>(cp); break;
-    case 2: cuda::reshape_and_cache_kernel<uint16_t><<<grid, threads, 0, stream>>>(cp); break;
-    default: cuda::reshape_and_cache_kernel<uint8_t><<<grid, threads, 0, stream>>>(cp); break;
+    case 16: launch(cuda::reshape_and_cache_kernel<uint4>); break;
+    case 8: launch(cuda::reshape_and_cache_kernel<uint2>); break;
+    case 4: launch(cuda::reshape_and_cache_kernel<uint32_t>); break;
+    case 2: launch(cuda::reshape_and_cache_kernel<uint16_t>); break;
+    default: launch(cuda::reshape_and_cache_kernel<uint8_t>); break;
   }
   return cudaGetLastError();
 }
@@ -184,12 +187,15 @@ inline cudaError_t launch_copy_blocks(const CopyBlocksCudaParams& p, cudaStream_
                         std::max(p.layout[0].row_bytes, p.layout[1].row_bytes) / unit;
   const int threads = int(std::min<int64_t>(256, std::max<int64_t>(32, (units + 31) / 32 * 32)));
   const dim3 grid(static_cast<unsigned>(p.num_pairs), static_cast<unsigned>(p.num_tensors));
+  auto launch = [&](void (*kernel)(CopyBlocksCudaParams)) {
+    KV_PAGED_LAUNCH(kernel, grid, threads, 0, stream, p);
+  };
   switch (unit) {
-    case 16: cuda::copy_blocks_kernel<uint4><<<grid, threads, 0, stream>>>(p); break;
-    case 8: cuda::copy_blocks_kernel<uint2><<<grid, threads, 0, stream>>>(p); break;
-    case 4: cuda::copy_blocks_kernel<uint32_t><<<grid, threads, 0, stream>>>(p); break;
-    case 2: cuda::copy_blocks_kernel<uint16_t><<<grid, threads, 0, stream>>>(p); break;
-    default: cuda::copy_blocks_kernel<uint8_t><<<grid, threads, 0, stream>>>(p); break;
+    case 16: launch(cuda::copy_blocks_kernel<uint4>); break;
+    case 8: launch(cuda::copy_blocks_kernel<uint2>); break;
+    case 4: launch(cuda::copy_blocks_kernel<uint32_t>); break;
+    case 2: launch(cuda::copy_blocks_kernel<uint16_t>); break;
+    default: launch(cuda::copy_blocks_kernel<uint8_t>); break;
   }
   return cudaGetLastError();
 }

@@ -1,6 +1,8 @@
 // Torch-free CUDA helpers shared by the kv_paged kernels: dtype conversion, 16-byte async copies
 // (cp.async, zero-filling when the source is out of range), mma.sync / ldmatrix wrappers and the
 // KV_PAGED_DEBUG error sink. Everything here needs sm_80 or newer (cp.async, bf16 mma).
+// The inline PTX and the launch syntax sit behind the wrappers and macros below; under
+// KV_PAGED_EMULATE (tests/cuda_emu/, a g++ build) emu_device.h supplies their host twins instead.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,6 +11,15 @@
 
 #include <cstdint>
 #include <cstring>
+
+#ifdef KV_PAGED_EMULATE
+#include "emu_device.h"  // tests/cuda_emu/: fibers for threads, emulated PTX
+#else
+// A kernel's dynamic shared memory, and a kernel launch on a stream.
+#define KV_PAGED_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define KV_PAGED_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "kv_paged's CUDA kernels need sm_80 or newer (cp.async, ldmatrix, bf16 mma.sync): build with TORCH_CUDA_ARCH_LIST=8.0 or newer"
@@ -82,6 +93,7 @@ __host__ __device__ __forceinline__ float precise_tanh(float x) {
   return copysignf(e / (e + 2.f), x);
 }
 
+#ifndef KV_PAGED_EMULATE
 // ---- async copies --------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -133,6 +145,7 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // !KV_PAGED_EMULATE
 
 // ---- KV_PAGED_DEBUG error sink --------------------------------------------------------------------
 // int64 [4] in device memory: {code, index0, index1, value}; the first failing check wins. A null

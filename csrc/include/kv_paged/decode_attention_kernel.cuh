@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     decode_attention_kernel(const DecodeAttentionParams dp) {
   using C = DecodeConfig<T, kHeadDim>;
   const AttentionProblem& p = dp.prob;
-  extern __shared__ __align__(16) unsigned char smem[];
+  KV_PAGED_DYNAMIC_SMEM(smem);
   T* k_smem = reinterpret_cast<T*>(smem);                      // [stage][kTile][kRowStride]
   T* v_smem = reinterpret_cast<T*>(smem + C::kv_bytes);        // [stage][kTile][kRowStride]
   float* q_smem = reinterpret_cast<float*>(smem + 2 * C::kv_bytes);  // [kRows][kHeadDim]
@@ -352,11 +352,11 @@ cudaError_t launch_decode_attention(const DecodeAttentionParams& dp, cudaStream_
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(cuda::num_virtual_tiles(p.total_q, p.num_seqs, dp.tile_q)),
                   unsigned(p.num_kv_heads), unsigned(dp.num_splits));
-  kernel<<<grid, cuda::kDecodeThreads, C::smem_bytes, stream>>>(dp);
+  KV_PAGED_LAUNCH(kernel, grid, cuda::kDecodeThreads, C::smem_bytes, stream, dp);
   err = cudaGetLastError();
   if (err != cudaSuccess || dp.num_splits == 1) return err;
   const dim3 merge_grid(unsigned(p.total_q), unsigned(p.num_heads));
-  cuda::merge_splits_kernel<T><<<merge_grid, 128, 0, stream>>>(dp);
+  KV_PAGED_LAUNCH(cuda::merge_splits_kernel<T>, merge_grid, 128, 0, stream, dp);
   return cudaGetLastError();
 }
 

@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
     prefill_attention_kernel(const PrefillAttentionParams pp) {
   using C = PrefillConfig<T, kHeadDim>;
   const AttentionProblem& p = pp.prob;
-  extern __shared__ __align__(16) unsigned char smem[];
+  KV_PAGED_DYNAMIC_SMEM(smem);
   T* q_smem = reinterpret_cast<T*>(smem);                                   // [64][kStride]
   T* k_smem = reinterpret_cast<T*>(smem + C::q_bytes);                      // [2][kBlockN][kStride]
   T* v_smem = reinterpret_cast<T*>(smem + C::q_bytes + 2 * C::kv_stage_bytes);
@@ -257,7 +257,7 @@ cudaError_t launch_prefill_attention(const PrefillAttentionParams& pp, cudaStrea
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(cuda::num_virtual_tiles(p.total_q, p.num_seqs, cuda::kPrefillBlockM)),
                   unsigned(p.num_heads));
-  kernel<<<grid, cuda::kPrefillThreads, C::smem_bytes, stream>>>(pp);
+  KV_PAGED_LAUNCH(kernel, grid, cuda::kPrefillThreads, C::smem_bytes, stream, pp);
   return cudaGetLastError();
 }
 
