@@ -119,3 +119,30 @@ def test_sliding_window_layers_use_the_plain_path(monkeypatch):
         sliding_window=8,
     )
     assert torch.equal(windowed, windowed_plain)
+
+
+def test_paged_cache_beam_search_with_cascade(monkeypatch):
+    """PagedCache(cascade_attention=True): 8 beams of one 70-token prompt fork its blocks, so every
+    step has a group; the beams equal those of the plain path."""
+    from test_hf_beam import _beam_kwargs, _prompts
+    from test_hf_models import cache_kw
+
+    from kv_paged.integrations import hf
+
+    model = hf.tiny_model("llama")
+    ids, mask = _prompts(3, [MIN_PREFIX_TOKENS + 6])
+    kw = _beam_kwargs(MIN_GROUP_SIZE, 1.0, False, 1, None)
+    outs, calls = [], []
+    for cascade in (False, True):
+        counter = Counter(ops.shared_prefix_attention)
+        monkeypatch.setattr(ops, "shared_prefix_attention", counter)
+        cache = hf.PagedCache.for_model(
+            model, num_blocks=128, block_size=4, cascade_attention=cascade
+        )
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=mask, **cache_kw(cache), **kw))
+        calls.append(counter.calls)
+        monkeypatch.undo()
+    assert calls[0] == 0 and calls[1] > 0
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert (outs[0].sequences_scores - outs[1].sequences_scores).abs().max() <= 1e-4
