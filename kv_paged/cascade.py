@@ -93,9 +93,10 @@ def plan_cascade(
 
     def split(members: list[int], start: int, depth: int) -> None:
         buckets: dict[int, list[int]] = {}
+        column = bt[:, start].tolist() if start < bt.shape[1] else []
         for i in members:
             if used[i] > start:
-                buckets.setdefault(int(bt[i, start]), []).append(i)
+                buckets.setdefault(column[i], []).append(i)
         for group in buckets.values():
             if len(group) < min_group_size:
                 continue
