@@ -26,6 +26,9 @@ constexpr int64_t kTileKeys = 64;   // prefix positions per tile (panels ~32 KiB
 constexpr int kMr = 6;              // microkernel rows
 constexpr int64_t kNr = 16;         // microkernel columns (two 8-float vectors)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Below this many multiply-adds a call runs on the calling thread: waking a thread team costs more
+// (milliseconds when the cores are oversubscribed) than the work, e.g. in a short decode step.
+constexpr int64_t kSerialMacs = int64_t{1} << 21;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -204,7 +207,11 @@ void shared_prefix_attention(const SharedPrefixParams& p) {
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
   const int64_t num_items = static_cast<int64_t>(chunks.size()) * KVH;
-  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+  int64_t macs = 0;
+  for (const RowChunk& c : chunks) macs += c.count * p.prefix_lens[c.group];
+  macs *= p.num_heads * D;
+  const int64_t grain = macs < kSerialMacs ? std::max<int64_t>(num_items, 1) : 1;
+  at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
     PrefixScratch sc(tokens_per_chunk * G, D);
     const int64_t Dp = sc.Dp;
     for (int64_t item = begin; item < end; ++item) {

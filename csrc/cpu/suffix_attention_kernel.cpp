@@ -21,6 +21,9 @@ namespace {
 constexpr int64_t kRowsPerItem = 64;
 constexpr int64_t kMinTile = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Below this many multiply-adds (or merged elements) a call runs on the calling thread: waking a
+// thread team costs more than the work (milliseconds when the cores are oversubscribed).
+constexpr int64_t kSerialMacs = int64_t{1} << 21;
 
 }  // namespace
 
@@ -45,7 +48,11 @@ void paged_attention_lse(const SuffixAttentionParams& sp) {
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
   const int64_t num_items = static_cast<int64_t>(chunks.size()) * KVH;
-  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+  int64_t macs = 0;  // an upper bound: every query row over its whole suffix
+  for (const Chunk& c : chunks) macs += c.count * (p.seq_lens_kv[c.seq] - sp.kv_start[c.seq]);
+  macs *= p.num_heads * D;
+  const int64_t grain = macs < kSerialMacs ? std::max<int64_t>(num_items, 1) : 1;
+  at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
     AttentionScratch s(tokens_per_item * G, tile, D, 1);
     for (int64_t item = begin; item < end; ++item) {
       const Chunk& c = chunks[item / KVH];
@@ -93,7 +100,8 @@ template void paged_attention_lse<c10::BFloat16>(const SuffixAttentionParams&);
 
 void merge_attention_states(const MergeStatesParams& p) {
   const int64_t D = p.head_dim;
-  at::parallel_for(0, p.num_rows, 256, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kSerialMacs / std::max<int64_t>(D, 1));
+  at::parallel_for(0, p.num_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float la = p.lse_a[r], lb = p.lse_b[r];
       const float m = std::max(la, lb);
