@@ -64,6 +64,23 @@ TORCH_LIBRARY(kv_paged, m) {
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
       "bool causal, int sliding_window, float softcap) -> (Tensor, Tensor, Tensor)");
 
+  // ---- Cascade (shared-prefix) attention: each op returns a state (out fp32 [total_q, num_heads,
+  // head_dim], lse fp32 [total_q, num_heads]); states over disjoint keys merge exactly.
+  // Group g's query rows group_rows[cu_group_rows[g]:cu_group_rows[g+1]] see, unmasked, kv positions
+  // [0, prefix_lens[g]) of the blocks prefix_block_tables[g] (int32 [G, P]); other rows: (0, -inf).
+  m.def(
+      "shared_prefix_attention(Tensor query, Tensor k_cache, Tensor v_cache, "
+      "Tensor prefix_block_tables, Tensor prefix_lens, Tensor cu_group_rows, Tensor group_rows, "
+      "float scale, float softcap) -> (Tensor, Tensor)");
+  // paged_attention over kv positions [kv_start[b], seq_lens_kv[b]) only (int32 [B]).
+  m.def(
+      "paged_attention_lse(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor cu_seqlens_q, Tensor seq_lens_kv, Tensor kv_start, float scale, bool causal, "
+      "int sliding_window, float softcap) -> (Tensor, Tensor)");
+  m.def(
+      "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> "
+      "(Tensor, Tensor)");
+
   // ---- Block manager --------------------------------------------------------------------------
   kv_paged::register_block_manager_class(m);
 }

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from kv_paged import ops
+from kv_paged.cascade import CascadePlan, cascade_attention, plan_cascade
 
 __all__ = ["AttentionMetadata", "AttentionParams", "KVCachePool", "blocks_needed"]
 
@@ -40,6 +41,8 @@ class AttentionMetadata:
         num_rows:      int. Flattened input length batch * seq (== T when token_index is None).
         no_prefix:     bool. Every sequence's KV is exactly its new tokens (a first prefill with no
                        cached prefix): attention may then run on the new K/V without the pool.
+        cascade:       CascadePlan or None. Groups of sequences whose tables share leading blocks
+                       (kv_paged.cascade): layers without a sliding window attend through it.
     All tensors live on the model's device.
     """
 
@@ -52,6 +55,7 @@ class AttentionMetadata:
     token_index: torch.Tensor | None = None
     num_rows: int = -1
     no_prefix: bool = False
+    cascade: CascadePlan | None = None
 
     def __post_init__(self) -> None:
         if self.num_rows < 0:
@@ -78,6 +82,7 @@ class AttentionMetadata:
         device: torch.device | str | None = None,
         token_index: torch.Tensor | None = None,
         num_rows: int | None = None,
+        cascade_block_size: int | None = None,
     ) -> AttentionMetadata:
         """Metadata of one step from host-side lengths, validated.
 
@@ -89,6 +94,8 @@ class AttentionMetadata:
             device:       where the tensors go (default: block_tables' device).
             token_index:  int64 [sum(query_lens)] or None, see the class docstring.
             num_rows:     flattened input length when token_index is given.
+            cascade_block_size: the tables' block size to plan cascade attention over them
+                          (kv_paged.cascade.plan_cascade); None: no plan.
         """
         query_lens = [int(n) for n in query_lens]
         kv_lens = [int(n) for n in kv_lens]
@@ -115,6 +122,9 @@ class AttentionMetadata:
         cu = [0]
         for q in query_lens:
             cu.append(cu[-1] + q)
+        plan = None
+        if cascade_block_size is not None and total > 0 and total != sum(kv_lens):
+            plan = plan_cascade(block_tables, query_lens, kv_lens, cascade_block_size)
         return cls(
             slot_mapping=slot_mapping.to(device=device, dtype=torch.int64),
             block_tables=block_tables.to(device=device, dtype=torch.int32),
@@ -127,6 +137,7 @@ class AttentionMetadata:
             else token_index.to(device=device, dtype=torch.int64),
             num_rows=total if num_rows is None else int(num_rows),
             no_prefix=all(q == k for q, k in zip(query_lens, kv_lens)),
+            cascade=None if plan is None else plan.to(device),
         )
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,6 +269,20 @@ class KVCachePool:
                 scale=params.scale,
                 causal=True,
                 sliding_window=params.sliding_window,
+                softcap=params.softcap,
+            )
+        if meta.cascade is not None and params.sliding_window is None:
+            # A window would cut into the shared prefix: such layers take the plain path.
+            return cascade_attention(
+                query,
+                self.k_caches[layer_idx],
+                self.v_caches[layer_idx],
+                meta.block_tables,
+                meta.cu_seqlens_q,
+                meta.seq_lens_kv,
+                meta.cascade,
+                scale=params.scale,
+                causal=True,
                 softcap=params.softcap,
             )
         return ops.paged_attention(

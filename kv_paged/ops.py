@@ -25,6 +25,9 @@ __all__ = [
     "flash_attention_backward",
     "copy_blocks",
     "swap_blocks",
+    "shared_prefix_attention",
+    "paged_attention_lse",
+    "merge_attention_states",
 ]
 
 _ops = torch.ops.kv_paged
@@ -210,6 +213,94 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tenso
     _ops.swap_blocks(src, dst, block_mapping)
 
 
+def shared_prefix_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefix_block_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    cu_group_rows: torch.Tensor,
+    group_rows: torch.Tensor,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of groups of query rows, each group against ONE shared run of prefix blocks, as a
+    batched multi-query pass (each prefix K/V row is read once per kv head and row chunk, not once
+    per sequence). No mask: the caller guarantees the prefix lies before every query of the group.
+
+    query:               [total_q, num_heads, head_dim]
+    k_cache, v_cache:    [num_blocks, block_size, num_kv_heads, head_dim]
+    prefix_block_tables: int32 [G, max_prefix_blocks]; group g's prefix blocks in order
+    prefix_lens:         int32 [G]; group g attends to kv positions [0, prefix_lens[g]) of its run
+                         (may end mid-block: positions past it are never read)
+    cu_group_rows:       int32 [G + 1]; group g's rows are group_rows[cu[g]:cu[g + 1]]
+    group_rows:          int32 [R]; query row ids, each in at most one group
+    returns (out, lse):  fp32 [total_q, num_heads, head_dim] normalised over the prefix and fp32
+                         [total_q, num_heads] log-sum-exp of the (scaled, capped) logits; rows in
+                         no group (or with an empty prefix) get (0, -inf).
+    """
+    return _ops.shared_prefix_attention(
+        query,
+        k_cache,
+        v_cache,
+        prefix_block_tables,
+        prefix_lens,
+        cu_group_rows,
+        group_rows,
+        _scale(scale, query.shape[-1]),
+        _softcap(softcap),
+    )
+
+
+def paged_attention_lse(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens_kv: torch.Tensor,
+    kv_start: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """paged_attention restricted to each sequence's kv positions [kv_start[i], seq_lens_kv[i])
+    (the suffix after a shared prefix), returning the attention state instead of a cast output.
+
+    Arguments as paged_attention, plus kv_start: int32 [B], 0 <= kv_start[i] <= seq_lens_kv[i]
+    (equal: an empty suffix). Returns (out fp32 [total_q, num_heads, head_dim], lse fp32
+    [total_q, num_heads]); a row that sees no key gets (0, -inf).
+    """
+    return _ops.paged_attention_lse(
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        seq_lens_kv,
+        kv_start,
+        _scale(scale, query.shape[-1]),
+        causal,
+        _window(sliding_window),
+        _softcap(softcap),
+    )
+
+
+def merge_attention_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state of attention over the union of two disjoint key sets, from the two states:
+    out = (e^lse_a out_a + e^lse_b out_b) / (e^lse_a + e^lse_b), lse = log(e^lse_a + e^lse_b).
+
+    out_a, out_b: fp32 [total_q, num_heads, head_dim]; lse_a, lse_b: fp32 [total_q, num_heads],
+    all contiguous. A side with lse -inf contributes nothing (its out is never read).
+    """
+    return _ops.merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+
 # ---- fake implementations: shapes only, for FakeTensor tracing / torch.compile -----------------
 
 
@@ -304,6 +395,72 @@ def _copy_blocks_fake(k_caches, v_caches, block_mapping) -> None:
 @torch.library.register_fake("kv_paged::swap_blocks")
 def _swap_blocks_fake(src, dst, block_mapping) -> None:
     return None
+
+
+def _state_like(query) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        query.new_empty(query.shape, dtype=torch.float32),
+        query.new_empty(query.shape[:2], dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("kv_paged::shared_prefix_attention")
+def _shared_prefix_attention_fake(
+    query,
+    k_cache,
+    v_cache,
+    prefix_block_tables,
+    prefix_lens,
+    cu_group_rows,
+    group_rows,
+    scale,
+    softcap,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(query.dim() == 3, lambda: "query: expected [total_q, num_heads, head_dim]")
+    _check_same_device(
+        query,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        prefix_block_tables=prefix_block_tables,
+        prefix_lens=prefix_lens,
+        cu_group_rows=cu_group_rows,
+        group_rows=group_rows,
+    )
+    return _state_like(query)
+
+
+@torch.library.register_fake("kv_paged::paged_attention_lse")
+def _paged_attention_lse_fake(
+    query,
+    k_cache,
+    v_cache,
+    block_tables,
+    cu_seqlens_q,
+    seq_lens_kv,
+    kv_start,
+    scale,
+    causal,
+    sliding_window,
+    softcap,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(query.dim() == 3, lambda: "query: expected [total_q, num_heads, head_dim]")
+    _check_same_device(
+        query,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_tables=block_tables,
+        cu_seqlens_q=cu_seqlens_q,
+        seq_lens_kv=seq_lens_kv,
+        kv_start=kv_start,
+    )
+    return _state_like(query)
+
+
+@torch.library.register_fake("kv_paged::merge_attention_states")
+def _merge_attention_states_fake(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(out_a.dim() == 3, lambda: "out_a: expected [total_q, num_heads, head_dim]")
+    _check_same_device(out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    return torch.empty_like(out_a), torch.empty_like(lse_a)
 
 
 # ---- autograd --------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ class Engine:
       default_kv_memory); never more than max_num_seqs full-length sequences need.
     max_num_batched_tokens: tokens per forward (prefill chunks + decode rows); None = 2048.
     tokenizer: optional; lets prompts be strings and fills CompletionOutput.text.
+    cascade_attention: when running sequences share leading KV blocks (a common system prompt),
+      attend to the shared blocks once per group (kv_paged.cascade); False = plain paged attention
+      (same outputs up to float rounding).
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class Engine:
         enable_prefix_caching: bool = True,
         kv_memory: int | None = None,
         tokenizer=None,
+        cascade_attention: bool = True,
     ) -> None:
         for name, value, low in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -91,7 +95,7 @@ class Engine:
         )
         # close() gives the model back with the attention it came with.
         self._model_attn = getattr(model.config, "_attn_implementation", None)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, cascade=bool(cascade_attention))
         self.closed = False
         self.scheduler = Scheduler(
             self.block_manager,

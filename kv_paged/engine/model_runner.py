@@ -70,13 +70,17 @@ class ModelRunner:
     """Owns the KV pools (sized like the engine's BlockManager); one packed forward per step.
 
     model: a transformers causal LM; its attention is switched to "kv_paged" (hf integration).
+    cascade: plan shared-prefix (cascade) attention each step (kv_paged.cascade); off = plain
+    paged attention only.
     """
 
-    def __init__(self, model, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model, num_blocks: int, block_size: int, cascade: bool = True) -> None:
         from kv_paged.integrations import hf
 
         spec = hf.kv_cache_spec(model)
         self.model = model
+        self.cascade = cascade
+        self.block_size = block_size
         self.device = spec["device"]
         self.pool = KVCachePool(
             num_layers=len(spec["num_kv_heads"]),
@@ -117,6 +121,7 @@ class ModelRunner:
             block_tables=block_tables,
             slot_mapping=slot_mapping,
             device=self.device,
+            cascade_block_size=self.block_size if self.cascade else None,
         )
         cu = [0]
         for q in q_lens:

@@ -109,9 +109,12 @@ class PagedCache(Cache):
     forking, so only a beam's own partial last block is ever copied.
     """
 
-    def __init__(self, pool: KVCachePool, block_manager: BlockManager) -> None:
+    def __init__(
+        self, pool: KVCachePool, block_manager: BlockManager, *, cascade_attention: bool = False
+    ) -> None:
         """pool: the K/V pools (one pair per decoder layer). block_manager: a kv_paged.BlockManager
-        over the same num_blocks / block_size."""
+        over the same num_blocks / block_size. cascade_attention: rows whose blocks are shared
+        (beams, a common prompt) attend to the shared blocks once per group (kv_paged.cascade)."""
         if not isinstance(pool, KVCachePool):
             raise TypeError(f"pool must be a kv_paged.cache.KVCachePool, got {type(pool).__name__}")
         if not isinstance(block_manager, BlockManager):
@@ -128,6 +131,7 @@ class PagedCache(Cache):
             )
         self.pool = pool
         self.block_manager = block_manager
+        self.cascade_attention = bool(cascade_attention)
         super().__init__(layers=[PagedLayer(self, i, False) for i in range(pool.num_layers)])
         self._batch: PaddedBatch | None = None
         self._next_seq_id = 0
@@ -145,6 +149,7 @@ class PagedCache(Cache):
         enable_prefix_caching: bool = True,
         block_manager: BlockManager | None = None,
         dtype: torch.dtype | None = None,
+        cascade_attention: bool = False,
     ) -> PagedCache:
         """A cache sized from model.config (layers, kv heads, head_dim, dtype, device) with its own
         BlockManager (or the one given), and model's forward wrapped to drive it."""
@@ -160,7 +165,7 @@ class PagedCache(Cache):
         )
         if block_manager is None:
             block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        cache = cls(pool, block_manager)
+        cache = cls(pool, block_manager, cascade_attention=cascade_attention)
         for layer, window in zip(cache.layers, spec["sliding_windows"]):
             layer.is_sliding = window is not None
         attach(model)
@@ -202,7 +207,9 @@ class PagedCache(Cache):
             raise RuntimeError(
                 "PagedCache already holds a batch; call cache.reset() before add_prompts()"
             )
-        batch = PaddedBatch(self.block_manager, first_seq_id=self._next_seq_id)
+        batch = PaddedBatch(
+            self.block_manager, first_seq_id=self._next_seq_id, cascade=self.cascade_attention
+        )
         try:
             columns = batch.add_prompts(input_ids, attention_mask)
         finally:
@@ -254,7 +261,9 @@ class PagedCache(Cache):
         A failure (KeyboardInterrupt included) leaves the cache refusing work until reset()."""
         self._check_usable()
         if self._batch is None:
-            self._batch = PaddedBatch(self.block_manager, first_seq_id=self._next_seq_id)
+            self._batch = PaddedBatch(
+                self.block_manager, first_seq_id=self._next_seq_id, cascade=self.cascade_attention
+            )
         try:
             meta = self._batch.begin_step(input_ids, attention_mask, device=self.pool.device)
         except BaseException:

@@ -38,8 +38,9 @@ class PaddedBatch:
     before the BlockManager changes, so a bad step leaves the batch as it was.
     """
 
-    def __init__(self, block_manager, *, first_seq_id: int = 0) -> None:
+    def __init__(self, block_manager, *, first_seq_id: int = 0, cascade: bool = False) -> None:
         self.block_manager = block_manager
+        self.cascade = cascade  # plan cascade attention over the step's tables
         self.block_size: int = block_manager.block_size
         self.next_seq_id = first_seq_id
         self.rows: list[_Row] = []
@@ -291,6 +292,7 @@ class PaddedBatch:
             device=device,
             token_index=token_index,
             num_rows=bsz * seq,
+            cascade_block_size=self.block_size if self.cascade else None,
         )
         self._pending = (kv_lens, c0 + seq)
         self.half_done = False
