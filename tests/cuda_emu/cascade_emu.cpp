@@ -3,7 +3,8 @@
 // block run), paged_attention_lse (each sequence's keys from kv_start on) and
 // merge_attention_states. Every state (fp32 out, lse) is compared with a long double state over the
 // same key set, and the merge with attention over the union of both sets. f32 / f16 / bf16,
-// head_dim 40..256, GQA, softcap, window (suffix only), empty groups / prefixes / sequences.
+// head_dim 40..256, GQA, softcap, window (suffix only), empty groups / prefixes / sequences; the
+// merge gets NaN in the out of every state whose lse is -inf (a zero weight must not pass it on).
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -231,39 +232,58 @@ void run_kd(const CascadeCase& c, std::mt19937& rng) {
   kv_paged::MergeStatesParams mp{p_out.data(), p_lse.data(), s_out.data(), s_lse.data(),
                                  m_out.data(), m_lse.data(), int64_t(nq) * H, D};
   const bool launched = kv_paged::launch_shared_prefix_attention<T, KD>(pp, nullptr) == cudaSuccess &&
-                        kv_paged::launch_paged_attention_lse<T, KD>(sp, nullptr) == cudaSuccess &&
-                        kv_paged::launch_merge_attention_states(mp, nullptr) == cudaSuccess;
-  StateCheck pc, sc, mc;
-  std::vector<long double> ro, so, mo;
-  long double rl, sl, ml;
-  for (size_t b = 0; b < c.seqs.size() && launched; ++b) {
+                        kv_paged::launch_paged_attention_lse<T, KD>(sp, nullptr) == cudaSuccess;
+  // For each state (0 prefix, 1 suffix, 2 merged) of query row (sequence b, its token i): keys, table.
+  auto keys = [&](int which, size_t b, int i, std::vector<int>& ts) -> const int32_t* {
     const int g = c.seqs[b].group;
-    const int32_t* table = a.tables.data() + b * ap.block_table_stride;
-    for (int i = 0; i < c.seqs[b].q_len; ++i) {
-      const int t = a.cu_q[b] + i;
-      std::vector<int> pk, sk = a.suffix_keys(int(b), i), mk;
-      for (int j = 0; g >= 0 && j < c.prefix_lens[g]; ++j) pk.push_back(j);
-      mk = pk;
-      mk.insert(mk.end(), sk.begin(), sk.end());
-      for (int h = 0; h < H; ++h) {
-        const size_t r = size_t(t) * H + h;
-        a.state(t, h, g >= 0 ? a.prefix_tables.data() + size_t(g) * a.prefix_stride : table, pk, ro, rl);
-        pc.row("prefix", t, h, &p_out[r * D], p_lse[r], ro, rl);
-        a.state(t, h, table, sk, so, sl);
-        sc.row("suffix", t, h, &s_out[r * D], s_lse[r], so, sl);
-        a.state(t, h, table, mk, mo, ml);
-        mc.row("merged", t, h, &m_out[r * D], m_lse[r], mo, ml);
-      }
+    ts.clear();
+    if (which != 1)
+      for (int j = 0; g >= 0 && j < c.prefix_lens[g]; ++j) ts.push_back(j);
+    if (which != 0) {
+      const std::vector<int> sk = a.suffix_keys(int(b), i);
+      ts.insert(ts.end(), sk.begin(), sk.end());
     }
+    return which == 0 && g >= 0 ? a.prefix_tables.data() + size_t(g) * a.prefix_stride
+                                : a.tables.data() + b * ap.block_table_stride;
+  };
+  StateCheck chk[3];
+  const char* what[3] = {"prefix", "suffix", "merged"};
+  const std::vector<float>* outs[3] = {&p_out, &s_out, &m_out};
+  const std::vector<float>* lses[3] = {&p_lse, &s_lse, &m_lse};
+  auto check = [&](int which) {
+    std::vector<int> ts;
+    std::vector<long double> ro;
+    long double rl;
+    for (size_t b = 0; b < c.seqs.size(); ++b)
+      for (int i = 0; i < c.seqs[b].q_len; ++i) {
+        const int t = a.cu_q[b] + i;
+        const int32_t* table = keys(which, b, i, ts);
+        for (int h = 0; h < H; ++h) {
+          const size_t r = size_t(t) * H + h;
+          a.state(t, h, table, ts, ro, rl);
+          chk[which].row(what[which], t, h, &(*outs[which])[r * D], (*lses[which])[r], ro, rl);
+        }
+      }
+  };
+  bool merged = false;
+  if (launched) {
+    check(0);
+    check(1);
+    // A state with lse = -inf must not leak its out into the merge: poison the prefix out of rows
+    // in no group (their lse, checked above, is -inf).
+    std::vector<char> in_group(size_t(nq), 0);
+    for (int t : a.group_rows) in_group[t] = 1;
+    for (int t = 0; t < nq; ++t)
+      if (!in_group[t]) std::fill_n(p_out.begin() + size_t(t) * H * D, size_t(H) * D, nan);
+    merged = kv_paged::launch_merge_attention_states(mp, nullptr) == cudaSuccess;
+    if (merged) check(2);
   }
   const std::string name = std::string("cascade ") + dtype_name<T>() + " " + c.describe();
-  if (!launched) {
+  if (!launched || !merged) {
     tally().record(name, false, "launch failed");
     return;
   }
-  tally().record(name + " [prefix]", pc.bad == 0, pc.result());
-  tally().record(name + " [suffix]", sc.bad == 0, sc.result());
-  tally().record(name + " [merge]", mc.bad == 0, mc.result());
+  for (int w = 0; w < 3; ++w) tally().record(name + " [" + what[w] + "]", chk[w].bad == 0, chk[w].result());
 }
 
 template <typename T>
