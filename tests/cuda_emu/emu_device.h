@@ -28,7 +28,7 @@ void syncwarp(const char* file, int line);
 
 // Warp collectives: every lane of the warp arrives with its operands; the last to arrive computes all
 // 32 results at once (so shared memory is read at one instant), then each lane takes its own.
-enum class Op { kSyncwarp, kShflXor, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBf16 };
+enum class Op { kSyncwarp, kShflXor, kShflIdx, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBf16 };
 struct Operands {
   uint32_t w[10] = {};  // mma: a[4], b0, b1, c[4]
   const void* addr = nullptr;
@@ -59,13 +59,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
            &ctx);
 }
 
+// shfl.bfly (kShflXor: source lane = lane ^ arg) and shfl.idx (kShflIdx: source lane = arg % 32).
 template <typename T>
-T shfl_xor(T v, int mask, const char* file, int line) {
+T shfl(Op op, T v, int arg, const char* file, int line) {
   static_assert(sizeof(T) == 4, "32-bit shuffles only");
   Operands o;
   std::memcpy(&o.w[0], &v, 4);
-  o.w[1] = uint32_t(mask);
-  const uint32_t* r = warp_op(Op::kShflXor, o, file, line);
+  o.w[1] = uint32_t(arg);
+  const uint32_t* r = warp_op(op, o, file, line);
   T out;
   std::memcpy(&out, r, 4);
   return out;
@@ -87,7 +88,10 @@ T shfl_xor(T v, int mask, const char* file, int line) {
 #define gridDim (::kvemu::g_grid_dim)
 #define __syncthreads() ::kvemu::syncthreads(__FILE__, __LINE__)
 #define __syncwarp(...) ::kvemu::syncwarp(__FILE__, __LINE__)
-#define __shfl_xor_sync(mask, v, lane_mask, ...) ::kvemu::shfl_xor((v), (lane_mask), __FILE__, __LINE__)
+#define __shfl_xor_sync(mask, v, lane_mask, ...) \
+  ::kvemu::shfl(::kvemu::Op::kShflXor, (v), (lane_mask), __FILE__, __LINE__)
+#define __shfl_sync(mask, v, src_lane, ...) \
+  ::kvemu::shfl(::kvemu::Op::kShflIdx, (v), (src_lane), __FILE__, __LINE__)
 
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
@@ -100,6 +104,12 @@ inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long cm
                                     unsigned long long val) {
   const unsigned long long old = *p;
   if (old == cmp) *p = val;
+  return old;
+}
+
+inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
   return old;
 }
 

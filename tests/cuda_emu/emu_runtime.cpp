@@ -184,6 +184,12 @@ void compute(Warp& w, int slot) {
         out[l][0] = src < w.size ? in[src].w[0] : in[l].w[0];
       }
       break;
+    case Op::kShflIdx:
+      for (int l = 0; l < 32; ++l) {
+        const int src = int(in[l].w[1] % 32);
+        out[l][0] = src < w.size ? in[src].w[0] : in[l].w[0];
+      }
+      break;
     case Op::kLdmatrix:
     case Op::kLdmatrixTrans: {
       for (int l = 0; l < 32; ++l) {

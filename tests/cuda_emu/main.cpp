@@ -16,11 +16,13 @@ Tally& tally() {
 void run_cache_ops_cases();
 void run_decode_cases(const std::string& filter);
 void run_prefill_cases(const std::string& filter);
+void run_cascade_cases(const std::string& filter);
+void run_backward_cases(const std::string& filter);
 }  // namespace kvemu
 
 int main(int argc, char** argv) {
   kvemu::Options opt;
-  std::string suites = "cache,decode,prefill", filter;
+  std::string suites = "cache,decode,prefill,cascade,backward", filter;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
@@ -39,7 +41,7 @@ int main(int argc, char** argv) {
       filter = value();
     } else {
       std::fprintf(stderr, "usage: %s [--schedule round-robin|reverse|warp-alone] [--deferred] "
-                   "[--fault F] [--suites cache,decode,prefill] [--filter S]\n", argv[0]);
+                   "[--fault F] [--suites cache,decode,prefill,cascade,backward] [--filter S]\n", argv[0]);
       return 2;
     }
   }
@@ -47,6 +49,8 @@ int main(int argc, char** argv) {
   if (suites.find("cache") != std::string::npos) kvemu::run_cache_ops_cases();
   if (suites.find("decode") != std::string::npos) kvemu::run_decode_cases(filter);
   if (suites.find("prefill") != std::string::npos) kvemu::run_prefill_cases(filter);
+  if (suites.find("cascade") != std::string::npos) kvemu::run_cascade_cases(filter);
+  if (suites.find("backward") != std::string::npos) kvemu::run_backward_cases(filter);
   const kvemu::Tally& t = kvemu::tally();
   std::printf("emulated [%s, %s copies%s%s]: %d passed, %d failed\n",
               kvemu::schedule_name(opt.schedule), opt.deferred_copies ? "deferred" : "immediate",

@@ -59,6 +59,11 @@ faults=(
   "--suites prefill --fault mma-a-swap"
   "--suites prefill --fault ldmatrix-no-trans"
   "--suites decode,prefill --deferred --fault weak-wait"
+  "--suites cascade --schedule warp-alone --fault barrier:cascade_attention_kernel.cuh#1"  # tile -> next tile
+  "--suites cascade --schedule warp-alone --fault barrier:cascade_attention_kernel.cuh#2"  # K/V tile -> scores
+  "--suites backward --schedule warp-alone --fault barrier:flash_attention_backward_kernel.cuh#1" # step -> next step
+  "--suites backward --schedule reverse --fault barrier:flash_attention_backward_kernel.cuh#2"    # lane 0's row_* -> lanes
+  "--suites backward --schedule warp-alone --fault barrier:flash_attention_backward_kernel.cuh#3" # P, dS -> dK, dV, dQ
 )
 for f in "${faults[@]}"; do
   rc=0

@@ -109,7 +109,8 @@ __global__ void __launch_bounds__(kCascadeThreads)
   constexpr int kPerLane = kHeadDim / 32;  // output dims per lane
   constexpr int kKeysPerLane = (kKeys + 31) / 32;
   constexpr int kRowsPerWarp = kCascadeRows / kCascadeWarps;
-  extern __shared__ float smem[];
+  KV_PAGED_DYNAMIC_SMEM(smem_raw);
+  float* smem = reinterpret_cast<float*>(smem_raw);
   float* q_s = smem;                              // [kRows][kHeadDim]
   float* k_s = q_s + kCascadeRows * kHeadDim;     // [kKeys][kHeadDim + 1]
   float* v_s = k_s + kKeys * (kHeadDim + 1);      // [kKeys][kHeadDim]
@@ -262,7 +263,7 @@ cudaError_t launch_partial_attention(const PartialArgs& a, const Rows& rows, cud
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(a.num_flat_rows, kCascadeRows)),
                   static_cast<unsigned>(a.num_kv_heads));
-  kernel<<<grid, kCascadeThreads, smem, stream>>>(a, rows);
+  KV_PAGED_LAUNCH(kernel, grid, kCascadeThreads, smem, stream, a, rows);
   return cudaGetLastError();
 }
 
@@ -292,7 +293,7 @@ inline cudaError_t launch_merge_attention_states(const MergeStatesParams& p, cud
   const int64_t n = p.num_rows * p.head_dim;
   if (n == 0) return cudaSuccess;
   const int64_t blocks = cuda::ceil_div(n, 256) < 4096 ? cuda::ceil_div(n, 256) : 4096;
-  cuda::merge_states_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+  KV_PAGED_LAUNCH(cuda::merge_states_kernel, static_cast<unsigned>(blocks), 256, 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -35,7 +35,7 @@ template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kBwdThreads)
     flash_attention_backward_kernel(const FlashAttentionParams p) {
   using C = BackwardConfig<kHeadDim>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  KV_PAGED_DYNAMIC_SMEM(smem_raw);
   float* ks = reinterpret_cast<float*>(smem_raw);   // [kBwdBlockN][kStride]
   float* vs = ks + kBwdBlockN * C::kStride;         // [kBwdBlockN][kStride]
   float* qs = vs + kBwdBlockN * C::kStride;         // [kBwdRows][kHeadDim], scaled
@@ -184,7 +184,7 @@ cudaError_t launch_flash_attention_backward(const FlashAttentionParams& p, cudaS
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(cuda::num_virtual_tiles(p.total_k, p.num_seqs, cuda::kBwdBlockN)),
                   unsigned(p.num_kv_heads));
-  kernel<<<grid, cuda::kBwdThreads, C::smem_bytes, stream>>>(p);
+  KV_PAGED_LAUNCH(kernel, grid, cuda::kBwdThreads, C::smem_bytes, stream, p);
   return cudaGetLastError();
 }
 
