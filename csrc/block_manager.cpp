@@ -24,7 +24,8 @@ int32_t checked_token(int64_t t, const char* what) {
   return static_cast<int32_t>(t);
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// No a + b - 1: num_tokens may be as large as 2^63 - 1 (can_allocate), and a, b > 0.
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 }  // namespace
 
@@ -111,6 +112,7 @@ void BlockManager::release(int32_t b) {
   blk.ref_count -= 1;
   if (blk.ref_count == 0) {
     num_in_use_ -= 1;
+    blk.copy_from = kNoBlock;  // nobody reads this block's pending copy: take_copies drops it
     if (!blk.copy_pending) park(b);
   }
 }
@@ -299,8 +301,12 @@ void BlockManager::append_slots(const std::vector<int64_t>& seq_ids,
       const int32_t last = seq.block_table.back();
       if (blocks_[last].ref_count > 1) {
         const int32_t copy = take_block();
-        blocks_[last].copy_pending = true;
-        pending_copies_.emplace_back(last, copy);
+        // An undrained dst holds its source's bytes only once the copies run: copy from that
+        // source, which stays reserved until drained, so no pair reads another pair's dst.
+        const int32_t src = blocks_[last].copy_from != kNoBlock ? blocks_[last].copy_from : last;
+        blocks_[src].copy_pending = true;
+        blocks_[copy].copy_from = src;
+        pending_copies_.emplace_back(src, copy);
         release(last);
         seq.block_table.back() = copy;
         counters_.cow_copies += 1;
@@ -311,14 +317,20 @@ void BlockManager::append_slots(const std::vector<int64_t>& seq_ids,
   }
 }
 
-void BlockManager::slot_mapping(int64_t seq_id, int64_t start, int64_t end,
-                                int64_t* slots_out) const {
+int64_t BlockManager::slot_mapping_len(int64_t seq_id, int64_t start, int64_t end) const {
   const Sequence& seq = seq_or_throw(seq_id, "slot_mapping");
   const int64_t len = static_cast<int64_t>(seq.tokens.size());
   if (start < 0 || start > end || end > len) {
     throw std::invalid_argument(cat("slot_mapping: need 0 <= start <= end <= seq_len (", len,
                                     ") for seq_id ", seq_id, ", got start=", start, " end=", end));
   }
+  return end - start;
+}
+
+void BlockManager::slot_mapping(int64_t seq_id, int64_t start, int64_t end,
+                                int64_t* slots_out) const {
+  slot_mapping_len(seq_id, start, end);
+  const Sequence& seq = seqs_.find(seq_id)->second;
   for (int64_t pos = start; pos < end; ++pos) slots_out[pos - start] = slot_of(seq, pos);
 }
 
@@ -330,9 +342,15 @@ int64_t BlockManager::max_num_blocks(const std::vector<int64_t>& seq_ids) const 
   return width;
 }
 
+int64_t BlockManager::max_blocks_per_seq() const { return ceil_div(kMaxTokenId, block_size_); }
+
 void BlockManager::block_tables(const std::vector<int64_t>& seq_ids, int64_t width,
                                 int32_t* out) const {
   const int64_t needed = max_num_blocks(seq_ids);
+  if (width > max_blocks_per_seq()) {
+    throw std::invalid_argument(cat("block_tables: width ", width, " > ", max_blocks_per_seq(),
+                                    ", the most blocks a sequence can have"));
+  }
   if (width < needed) {
     throw std::invalid_argument(
         cat("block_tables: width ", width, " < longest block table ", needed));
@@ -373,13 +391,20 @@ void BlockManager::free(int64_t seq_id) {
 
 std::vector<std::pair<int32_t, int32_t>> BlockManager::take_copies() {
   std::vector<std::pair<int32_t, int32_t>> copies;
-  copies.swap(pending_copies_);
-  for (const auto& [src, dst] : copies) {
+  copies.reserve(pending_copies_.size());
+  for (const auto& [src, dst] : pending_copies_) {
+    // A dst released since (copy_from reset) or already emitted for this src is not copied.
+    if (blocks_[dst].copy_from != src) continue;
+    blocks_[dst].copy_from = kNoBlock;
+    copies.emplace_back(src, dst);
+  }
+  for (const auto& [src, dst] : pending_copies_) {
     Block& blk = blocks_[src];
     if (!blk.copy_pending) continue;  // a block can be the src of several pairs
     blk.copy_pending = false;
     if (blk.ref_count == 0) park(src);
   }
+  pending_copies_.clear();
   return copies;
 }
 
@@ -438,6 +463,9 @@ void BlockManager::check_invariants() const {
     if (blk.ref_count == 0 && !blk.copy_pending) {
       const ListId want = blk.cached ? ListId::kEvictable : ListId::kFree;
       if (blk.list != want) fail(cat("unreferenced block ", b, " is in the wrong list"));
+    }
+    if (blk.copy_from != kNoBlock && (blk.ref_count == 0 || !blocks_[blk.copy_from].copy_pending)) {
+      fail(cat("block ", b, " awaits a copy from ", blk.copy_from, " that is not pending"));
     }
     if (blk.cached) {
       extra_refs[blk.extra_id] += blk.extra_id != 0;
