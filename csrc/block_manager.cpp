@@ -44,7 +44,10 @@ BlockManager::BlockManager(int64_t num_blocks, int64_t block_size, bool enable_p
     throw std::invalid_argument("num_blocks * block_size overflows the slot range");
   }
   blocks_.resize(static_cast<size_t>(num_blocks));
-  if (enable_prefix_caching_) block_tokens_.resize(static_cast<size_t>(num_blocks * block_size));
+  if (enable_prefix_caching_) {
+    block_tokens_.resize(static_cast<size_t>(num_blocks * block_size));
+    cache_ = detail::BlockHashIndex(num_blocks);  // one entry per cached block at most
+  }
   for (int32_t b = 0; b < static_cast<int32_t>(num_blocks); ++b) list_push_back(b, ListId::kFree);
 }
 
@@ -433,7 +436,7 @@ BlockManagerStats BlockManager::stats() const {
   s.blocks_in_use = num_in_use_;
   s.free_blocks = num_free_;
   s.evictable_blocks = num_evictable_;
-  s.cached_blocks = static_cast<int64_t>(cache_.size());
+  s.cached_blocks = cache_.size();
   s.pending_copies = static_cast<int64_t>(pending_copies_.size());
   s.num_seqs = static_cast<int64_t>(seqs_.size());
   s.extra_keys = static_cast<int64_t>(extra_ids_.size());
@@ -469,8 +472,7 @@ void BlockManager::check_invariants() const {
     }
     if (blk.cached) {
       extra_refs[blk.extra_id] += blk.extra_id != 0;
-      auto it = cache_.find(blk.hash);
-      if (it == cache_.end() || it->second != static_cast<int32_t>(b)) {
+      if (cache_.find(blk.hash) != static_cast<int32_t>(b)) {
         fail(cat("cached block ", b, " is not in the cache map"));
       }
     }

@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "kv_paged/block_hash_index.h"
+
 namespace kv_paged {
 
 // Thrown when the pool has too few free + evictable blocks (maps to Python RuntimeError).
@@ -197,7 +199,7 @@ class BlockManager {
   int64_t num_free_ = 0;
   int64_t num_evictable_ = 0;
   int64_t num_in_use_ = 0;
-  std::unordered_map<uint64_t, int32_t> cache_;  // chained hash -> block
+  detail::BlockHashIndex cache_;  // chained hash -> block
   std::unordered_map<int64_t, Sequence> seqs_;
   std::unordered_map<std::string, int32_t> extra_ids_;  // 0 = no extra key
   std::vector<uint64_t> extra_hashes_{0};                // id -> hash of its key
