@@ -11,6 +11,8 @@ source_root: str
 torch_version: str
 with_cuda: int
 
+def cpu_isa() -> str: ...
+
 IntList = Sequence[SupportsIndex] | torch.Tensor
 
 class BlockManager:
