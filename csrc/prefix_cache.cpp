@@ -83,11 +83,18 @@ void BlockManager::register_computed_blocks(Sequence& seq) {
   if (!enable_prefix_caching_) return;
   const int64_t num_full =
       std::min<int64_t>(seq.num_computed / block_size_, seq.tokens.size() / block_size_);
-  for (int64_t i = static_cast<int64_t>(seq.block_hashes.size()); i < num_full; ++i) {
-    const int32_t* tokens = seq.tokens.data() + i * block_size_;
+  const int64_t first = static_cast<int64_t>(seq.block_hashes.size());
+  // Hashes first (a chain, cheap), each slot prefetched, then the lookups: their cache misses
+  // overlap instead of serializing one per block.
+  for (int64_t i = first; i < num_full; ++i) {
     const uint64_t parent_hash = i == 0 ? 0 : seq.block_hashes[i - 1];
-    const uint64_t h = block_hash(parent_hash, tokens, seq.extra_id);
-    seq.block_hashes.push_back(h);
+    seq.block_hashes.push_back(block_hash(parent_hash, seq.tokens.data() + i * block_size_,
+                                          seq.extra_id));
+    cache_.prefetch(seq.block_hashes.back());
+  }
+  for (int64_t i = first; i < num_full; ++i) {
+    const int32_t* tokens = seq.tokens.data() + i * block_size_;
+    const uint64_t h = seq.block_hashes[i];
     const int32_t b = seq.block_table[i];
     if (blocks_[b].cached) continue;  // a prefix hit, or shared with a fork that registered it
     const int32_t parent = i == 0 ? kNoBlock : seq.block_table[i - 1];
