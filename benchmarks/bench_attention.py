@@ -7,8 +7,10 @@ that returns a zero-argument callable. Before timing, every backend's output is 
 first backend's (max abs diff reported). Timing: warm-up, then the median of --iters runs.
   cpu:  wall clock (time.perf_counter) around each call; torch's thread pool as configured. The
         copy bandwidth of a 1 GiB tensor (dst.copy_(src), torch's threads, bytes read + written per
-        second) is measured in the same run, and each backend's achieved bandwidth (K + V read
-        once, plus Q and O) is reported as a percentage of it: the roof decode attention can reach.
+        second) is measured again right before each shape, and each backend's achieved bandwidth
+        (K + V read once, plus Q and O) is reported as a percentage of that shape's figure: the
+        roof decode attention can reach, measured under the same load (a shared machine's load
+        moves between shapes).
   cuda: CUDA events around each call, with the L2 cache flushed (a 256 MiB buffer overwritten)
         before every run; the device-to-device copy bandwidth of a 1 GiB tensor is measured in the
         same run and each backend's achieved bandwidth (K + V read once, plus Q and O) is reported
@@ -259,11 +261,8 @@ def main() -> None:
     backends = {n: b for n, b in BACKENDS.items() if dev in b["devices"]}
     gen = torch.Generator().manual_seed(0)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev) if dev == "cuda" else None
-    copy_bw = (
-        copy_bandwidth_cuda(flush, args.warmup, iters)
-        if dev == "cuda"
-        else copy_bandwidth_cpu(args.warmup, iters)
-    )
+    copy_bw = copy_bandwidth_cuda(flush, args.warmup, iters) if dev == "cuda" else None
+    copy_all: list[float] = []  # cpu: one figure per shape
 
     lines = []
     header = f"| dtype | batch | context | heads q/kv | {' | '.join(f'{n} tok/s (GB/s)' for n in backends)} | kv_paged x {list(backends)[1]} | max diff |"
@@ -280,6 +279,9 @@ def main() -> None:
                 )
                 continue
             fns = {n: b["setup"](w) for n, b in backends.items()}
+            if dev == "cpu":
+                copy_bw = copy_bandwidth_cpu(args.warmup, iters)
+                copy_all.append(copy_bw)
             first = None
             diffs = []
             for n, fn in fns.items():
@@ -319,7 +321,11 @@ def main() -> None:
     if dev == "cuda":
         info += f"; measured device-to-device copy bandwidth {copy_bw / 1e9:.0f} GB/s"
     else:
-        info += f"; measured host copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write, {torch.get_num_threads()} threads)"
+        info += (
+            f"; measured host copy bandwidth {min(copy_all, default=0) / 1e9:.1f}-"
+            f"{max(copy_all, default=0) / 1e9:.1f} GB/s across shapes (read + write, "
+            f"{torch.get_num_threads()} threads; each row's % uses the figure measured before it)"
+        )
         info += f"; kv_paged CPU kernels: {kv_paged._C.cpu_isa()}"
     text = info + "\n\n" + "\n".join(lines) + "\n"
     print(text)
