@@ -42,18 +42,18 @@ python-env:
 	@$(PYTHON) -c 'import torch' 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH_PIN)
 	@$(PYTHON) tools/ensure_deps.py
 
-# The extension, rebuilt unless the last build's stamp is newer than every file under csrc/ and
-# setup.py and names the installed torch (a no-op setup.py run costs ~10 s of imports, and
-# `make demo` runs this first).
+# The extension, rebuilt unless the last build's stamp names the installed torch and the content
+# hashes of csrc/ and setup.py (content, not mtimes: a file restored with an old mtime still
+# rebuilds; a no-op setup.py run costs ~10 s of imports, and `make demo` runs this first).
 EXT_STAMP := build/.ext-built
-TORCH_VERSION = $(shell $(PYTHON) -c 'import importlib.metadata as m; print(m.version("torch"))')
+BUILD_KEY = $(shell $(PYTHON) -c 'import importlib.metadata as m, hashlib, runpy; \
+  h = runpy.run_path("kv_paged/_source_hash.py")["source_hash"]("."); \
+  print(m.version("torch"), h, hashlib.sha256(open("setup.py", "rb").read()).hexdigest()[:16])')
 build: python-env
-	@if [ -f $(EXT_STAMP) ] && ls kv_paged/_C*.so >/dev/null 2>&1 \
-	  && [ "$$(cat $(EXT_STAMP))" = "$(TORCH_VERSION)" ] \
-	  && [ -z "$$(find csrc setup.py -newer $(EXT_STAMP) -print -quit)" ]; then \
+	@key="$(BUILD_KEY)"; \
+	if [ -f $(EXT_STAMP) ] && ls kv_paged/_C*.so >/dev/null 2>&1 && [ "$$(cat $(EXT_STAMP))" = "$$key" ]; then \
 	  echo "build: kv_paged._C is up to date"; \
-	else $(PYTHON) setup.py -q build_ext --inplace && mkdir -p build \
-	  && echo "$(TORCH_VERSION)" > $(EXT_STAMP); fi
+	else $(PYTHON) setup.py -q build_ext --inplace && mkdir -p build && echo "$$key" > $(EXT_STAMP); fi
 
 gtest:
 	@if [ ! -f /usr/include/gtest/gtest.h ]; then \

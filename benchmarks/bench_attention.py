@@ -5,7 +5,12 @@ tokens per block, blocks handed out by a random permutation), one decode query p
 give each backend the same K/V in its own native layout: BACKENDS maps a name to a setup function
 that returns a zero-argument callable. Before timing, every backend's output is checked against the
 first backend's (max abs diff reported). Timing: warm-up, then the median of --iters runs.
-  cpu:  wall clock (time.perf_counter) around each call; torch's thread pool as configured.
+  cpu:  wall clock (time.perf_counter) around each call; torch's thread pool as configured. The
+        copy bandwidth of a 1 GiB tensor (dst.copy_(src), torch's threads, bytes read + written per
+        second) is measured again right before each shape, and each backend's achieved bandwidth
+        (K + V read once, plus Q and O) is reported as a percentage of that shape's figure: the
+        roof decode attention can reach, measured under the same load (a shared machine's load
+        moves between shapes).
   cuda: CUDA events around each call, with the L2 cache flushed (a 256 MiB buffer overwritten)
         before every run; the device-to-device copy bandwidth of a 1 GiB tensor is measured in the
         same run and each backend's achieved bandwidth (K + V read once, plus Q and O) is reported
@@ -192,6 +197,15 @@ def time_cuda(fn, warmup: int, iters: int, flush: torch.Tensor) -> float:
     return statistics.median(times)
 
 
+def copy_bandwidth_cpu(warmup: int, iters: int) -> float:
+    """Bytes read + written per second by a 1 GiB host copy on torch's threads (far beyond any
+    cache, so this is the memory system's throughput for a streaming read + write)."""
+    src = torch.ones(1 << 28, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    seconds = time_cpu(lambda: dst.copy_(src), warmup, max(iters, 5))
+    return 2 * src.numel() * src.element_size() / seconds
+
+
 def copy_bandwidth_cuda(flush: torch.Tensor, warmup: int, iters: int) -> float:
     """Bytes read + written per second by a device-to-device copy of 1 GiB."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -248,6 +262,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev) if dev == "cuda" else None
     copy_bw = copy_bandwidth_cuda(flush, args.warmup, iters) if dev == "cuda" else None
+    copy_all: list[float] = []  # cpu: one figure per shape
 
     lines = []
     header = f"| dtype | batch | context | heads q/kv | {' | '.join(f'{n} tok/s (GB/s)' for n in backends)} | kv_paged x {list(backends)[1]} | max diff |"
@@ -264,6 +279,9 @@ def main() -> None:
                 )
                 continue
             fns = {n: b["setup"](w) for n, b in backends.items()}
+            if dev == "cpu":
+                copy_bw = copy_bandwidth_cpu(args.warmup, iters)
+                copy_all.append(copy_bw)
             first = None
             diffs = []
             for n, fn in fns.items():
@@ -300,8 +318,15 @@ def main() -> None:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; head_dim {args.head_dim}, "
         f"block_size {args.block_size}, median of {iters}"
     )
-    if copy_bw:
+    if dev == "cuda":
         info += f"; measured device-to-device copy bandwidth {copy_bw / 1e9:.0f} GB/s"
+    else:
+        info += (
+            f"; measured host copy bandwidth {min(copy_all, default=0) / 1e9:.1f}-"
+            f"{max(copy_all, default=0) / 1e9:.1f} GB/s across shapes (read + write, "
+            f"{torch.get_num_threads()} threads; each row's % uses the figure measured before it)"
+        )
+        info += f"; kv_paged CPU kernels: {kv_paged._C.cpu_isa()}"
     text = info + "\n\n" + "\n".join(lines) + "\n"
     print(text)
     if args.out:

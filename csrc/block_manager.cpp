@@ -24,7 +24,8 @@ int32_t checked_token(int64_t t, const char* what) {
   return static_cast<int32_t>(t);
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// No a + b - 1: num_tokens may be as large as 2^63 - 1 (can_allocate), and a, b > 0.
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 }  // namespace
 
@@ -43,7 +44,10 @@ BlockManager::BlockManager(int64_t num_blocks, int64_t block_size, bool enable_p
     throw std::invalid_argument("num_blocks * block_size overflows the slot range");
   }
   blocks_.resize(static_cast<size_t>(num_blocks));
-  if (enable_prefix_caching_) block_tokens_.resize(static_cast<size_t>(num_blocks * block_size));
+  if (enable_prefix_caching_) {
+    block_tokens_.resize(static_cast<size_t>(num_blocks * block_size));
+    cache_ = detail::BlockHashIndex(num_blocks);  // one entry per cached block at most
+  }
   for (int32_t b = 0; b < static_cast<int32_t>(num_blocks); ++b) list_push_back(b, ListId::kFree);
 }
 
@@ -111,6 +115,7 @@ void BlockManager::release(int32_t b) {
   blk.ref_count -= 1;
   if (blk.ref_count == 0) {
     num_in_use_ -= 1;
+    blk.copy_from = kNoBlock;  // nobody reads this block's pending copy: take_copies drops it
     if (!blk.copy_pending) park(b);
   }
 }
@@ -157,8 +162,14 @@ int64_t BlockManager::allocate(int64_t seq_id, const std::vector<int64_t>& token
   const int64_t len = static_cast<int64_t>(token_ids.size());
   if (len == 0) throw std::invalid_argument("allocate: token_ids must be non-empty");
   if (len > kMaxTokenId) throw std::invalid_argument("allocate: token_ids is too long");
-  std::vector<int32_t> tokens(token_ids.size());
-  for (int64_t i = 0; i < len; ++i) tokens[i] = checked_token(token_ids[i], "allocate");
+  // One branch-free range check over the whole prompt (vectorized), the named error only if it
+  // fails: a call per token was the largest cost of allocating a prompt.
+  bool in_range = true;
+  for (const int64_t t : token_ids) in_range &= (t >= 0) & (t <= kMaxTokenId);
+  if (!in_range) {
+    for (const int64_t t : token_ids) checked_token(t, "allocate");
+  }
+  std::vector<int32_t> tokens(token_ids.begin(), token_ids.end());
 
   int32_t extra_id = 0;
   bool extra_known = true;
@@ -299,8 +310,12 @@ void BlockManager::append_slots(const std::vector<int64_t>& seq_ids,
       const int32_t last = seq.block_table.back();
       if (blocks_[last].ref_count > 1) {
         const int32_t copy = take_block();
-        blocks_[last].copy_pending = true;
-        pending_copies_.emplace_back(last, copy);
+        // An undrained dst holds its source's bytes only once the copies run: copy from that
+        // source, which stays reserved until drained, so no pair reads another pair's dst.
+        const int32_t src = blocks_[last].copy_from != kNoBlock ? blocks_[last].copy_from : last;
+        blocks_[src].copy_pending = true;
+        blocks_[copy].copy_from = src;
+        pending_copies_.emplace_back(src, copy);
         release(last);
         seq.block_table.back() = copy;
         counters_.cow_copies += 1;
@@ -311,14 +326,20 @@ void BlockManager::append_slots(const std::vector<int64_t>& seq_ids,
   }
 }
 
-void BlockManager::slot_mapping(int64_t seq_id, int64_t start, int64_t end,
-                                int64_t* slots_out) const {
+int64_t BlockManager::slot_mapping_len(int64_t seq_id, int64_t start, int64_t end) const {
   const Sequence& seq = seq_or_throw(seq_id, "slot_mapping");
   const int64_t len = static_cast<int64_t>(seq.tokens.size());
   if (start < 0 || start > end || end > len) {
     throw std::invalid_argument(cat("slot_mapping: need 0 <= start <= end <= seq_len (", len,
                                     ") for seq_id ", seq_id, ", got start=", start, " end=", end));
   }
+  return end - start;
+}
+
+void BlockManager::slot_mapping(int64_t seq_id, int64_t start, int64_t end,
+                                int64_t* slots_out) const {
+  slot_mapping_len(seq_id, start, end);
+  const Sequence& seq = seqs_.find(seq_id)->second;
   for (int64_t pos = start; pos < end; ++pos) slots_out[pos - start] = slot_of(seq, pos);
 }
 
@@ -330,9 +351,15 @@ int64_t BlockManager::max_num_blocks(const std::vector<int64_t>& seq_ids) const 
   return width;
 }
 
+int64_t BlockManager::max_blocks_per_seq() const { return ceil_div(kMaxTokenId, block_size_); }
+
 void BlockManager::block_tables(const std::vector<int64_t>& seq_ids, int64_t width,
                                 int32_t* out) const {
   const int64_t needed = max_num_blocks(seq_ids);
+  if (width > max_blocks_per_seq()) {
+    throw std::invalid_argument(cat("block_tables: width ", width, " > ", max_blocks_per_seq(),
+                                    ", the most blocks a sequence can have"));
+  }
   if (width < needed) {
     throw std::invalid_argument(
         cat("block_tables: width ", width, " < longest block table ", needed));
@@ -373,13 +400,20 @@ void BlockManager::free(int64_t seq_id) {
 
 std::vector<std::pair<int32_t, int32_t>> BlockManager::take_copies() {
   std::vector<std::pair<int32_t, int32_t>> copies;
-  copies.swap(pending_copies_);
-  for (const auto& [src, dst] : copies) {
+  copies.reserve(pending_copies_.size());
+  for (const auto& [src, dst] : pending_copies_) {
+    // A dst released since (copy_from reset) or already emitted for this src is not copied.
+    if (blocks_[dst].copy_from != src) continue;
+    blocks_[dst].copy_from = kNoBlock;
+    copies.emplace_back(src, dst);
+  }
+  for (const auto& [src, dst] : pending_copies_) {
     Block& blk = blocks_[src];
     if (!blk.copy_pending) continue;  // a block can be the src of several pairs
     blk.copy_pending = false;
     if (blk.ref_count == 0) park(src);
   }
+  pending_copies_.clear();
   return copies;
 }
 
@@ -408,7 +442,7 @@ BlockManagerStats BlockManager::stats() const {
   s.blocks_in_use = num_in_use_;
   s.free_blocks = num_free_;
   s.evictable_blocks = num_evictable_;
-  s.cached_blocks = static_cast<int64_t>(cache_.size());
+  s.cached_blocks = cache_.size();
   s.pending_copies = static_cast<int64_t>(pending_copies_.size());
   s.num_seqs = static_cast<int64_t>(seqs_.size());
   s.extra_keys = static_cast<int64_t>(extra_ids_.size());
@@ -439,10 +473,12 @@ void BlockManager::check_invariants() const {
       const ListId want = blk.cached ? ListId::kEvictable : ListId::kFree;
       if (blk.list != want) fail(cat("unreferenced block ", b, " is in the wrong list"));
     }
+    if (blk.copy_from != kNoBlock && (blk.ref_count == 0 || !blocks_[blk.copy_from].copy_pending)) {
+      fail(cat("block ", b, " awaits a copy from ", blk.copy_from, " that is not pending"));
+    }
     if (blk.cached) {
       extra_refs[blk.extra_id] += blk.extra_id != 0;
-      auto it = cache_.find(blk.hash);
-      if (it == cache_.end() || it->second != static_cast<int32_t>(b)) {
+      if (cache_.find(blk.hash) != static_cast<int32_t>(b)) {
         fail(cat("cached block ", b, " is not in the cache map"));
       }
     }

@@ -68,9 +68,9 @@ BlockManager::PrefixMatch BlockManager::match_prefix(const std::vector<int32_t>&
   for (int64_t i = 0; i < max_hits; ++i) {
     const int32_t* block_tokens = tokens.data() + i * block_size_;
     const uint64_t h = block_hash(parent_hash, block_tokens, extra_id);
-    auto it = cache_.find(h);
-    if (it == cache_.end() || !verify(it->second, parent, block_tokens, extra_id)) break;
-    parent = it->second;
+    const int32_t hit = cache_.find(h);
+    if (hit == detail::BlockHashIndex::kNone || !verify(hit, parent, block_tokens, extra_id)) break;
+    parent = hit;
     parent_hash = h;
     match.blocks.push_back(parent);
     match.hashes.push_back(h);
@@ -83,26 +83,33 @@ void BlockManager::register_computed_blocks(Sequence& seq) {
   if (!enable_prefix_caching_) return;
   const int64_t num_full =
       std::min<int64_t>(seq.num_computed / block_size_, seq.tokens.size() / block_size_);
-  for (int64_t i = static_cast<int64_t>(seq.block_hashes.size()); i < num_full; ++i) {
-    const int32_t* tokens = seq.tokens.data() + i * block_size_;
+  const int64_t first = static_cast<int64_t>(seq.block_hashes.size());
+  // Hashes first (a chain, cheap), each slot prefetched, then the lookups: their cache misses
+  // overlap instead of serializing one per block.
+  for (int64_t i = first; i < num_full; ++i) {
     const uint64_t parent_hash = i == 0 ? 0 : seq.block_hashes[i - 1];
-    const uint64_t h = block_hash(parent_hash, tokens, seq.extra_id);
-    seq.block_hashes.push_back(h);
+    seq.block_hashes.push_back(block_hash(parent_hash, seq.tokens.data() + i * block_size_,
+                                          seq.extra_id));
+    cache_.prefetch(seq.block_hashes.back());
+  }
+  for (int64_t i = first; i < num_full; ++i) {
+    const int32_t* tokens = seq.tokens.data() + i * block_size_;
+    const uint64_t h = seq.block_hashes[i];
     const int32_t b = seq.block_table[i];
     if (blocks_[b].cached) continue;  // a prefix hit, or shared with a fork that registered it
     const int32_t parent = i == 0 ? kNoBlock : seq.block_table[i - 1];
     // A child is findable only through its cached parent: skip when the parent is not the cache's.
     if (parent != kNoBlock && !blocks_[parent].cached) continue;
-    auto it = cache_.find(h);
-    if (it != cache_.end()) {
+    const int32_t holder = cache_.find(h);
+    if (holder != detail::BlockHashIndex::kNone) {
       // Same content in another block, or a live collision: the first registration keeps the
       // slot. Only an entry whose parent left the cache (unreachable) is replaced.
-      const Block& e = blocks_[it->second];
+      const Block& e = blocks_[holder];
       const bool stale =
           e.parent != kNoBlock &&
           (!blocks_[e.parent].cached || e.parent_generation != blocks_[e.parent].generation);
       if (!stale) continue;
-      uncache(it->second);
+      uncache(holder);
     }
     Block& blk = blocks_[b];
     blk.cached = true;
@@ -112,7 +119,7 @@ void BlockManager::register_computed_blocks(Sequence& seq) {
     blk.extra_id = seq.extra_id;
     acquire_extra(blk.extra_id);
     std::copy(tokens, tokens + block_size_, block_tokens_.begin() + b * block_size_);
-    cache_.emplace(h, b);
+    cache_.insert(h, b);
   }
 }
 

@@ -2,7 +2,7 @@
 fused attention ops (paged decode / chunked prefill, flash attention) for PyTorch models.
 
 Importing the package loads the compiled extension, which registers torch.ops.kv_paged.* and
-torch.classes.kv_paged.BlockManager.
+defines the pybind11 class kv_paged.BlockManager.
 """
 
 from kv_paged._build import load_extension as _load_extension

@@ -16,8 +16,13 @@ def _module_name(path: pathlib.Path) -> str:
 
 
 def _is_module(name: str) -> bool:
+    """A .py module, a package, or a compiled extension with its .pyi stub (kv_paged._C)."""
     rel = pathlib.Path(*name.split("."))
-    return (ROOT.parent / rel).with_suffix(".py").exists() or (ROOT.parent / rel).is_dir()
+    return (
+        (ROOT.parent / rel).with_suffix(".py").exists()
+        or (ROOT.parent / rel).with_suffix(".pyi").exists()
+        or (ROOT.parent / rel).is_dir()
+    )
 
 
 def _imports(path: pathlib.Path) -> set[str]:

@@ -2,7 +2,8 @@
 // query heads of one GQA group, for one or more query tokens) against one KV head, walked in kv
 // tiles with an online softmax (running max m, running sum l, fp32 accumulator), so each K/V row is
 // read once per group and the score matrix never exceeds [rows, tile]. The caller says where the
-// K/V rows of a tile live (a block table lookup or a contiguous offset) through `fetch`.
+// K/V rows of a tile live (a block table lookup or a contiguous offset) through `fetch`. Compiled
+// once per instruction set, in namespace KV_PAGED_CPU_ISA (see vec.h).
 #pragma once
 
 #include <algorithm>
@@ -14,7 +15,7 @@
 
 #include "cpu/vec.h"
 
-namespace kv_paged::cpu {
+namespace kv_paged::cpu::KV_PAGED_CPU_ISA {
 
 // kv positions [lo, hi) visible to one query row; empty when lo >= hi.
 struct RowSpan {
@@ -175,16 +176,9 @@ void attend_rows(AttentionScratch& s, int64_t rows_per_head, float softcap, int6
       const int64_t a = s.row_lo[r] - j0, b = s.row_hi[r] - j0;
       if (a >= b) continue;
       float* sc = s.scores.data() + r * tile;
-      float tile_max = kNegInf;
-      for (int64_t j = a; j < b; ++j) tile_max = std::max(tile_max, sc[j]);
-      const float m_new = std::max(s.m[r], tile_max);
+      const float m_new = std::max(s.m[r], max_row(sc + a, b - a));
       const float alpha = std::exp(s.m[r] - m_new);  // 0 on the first visible tile
-      float sum = 0.f;
-      for (int64_t j = a; j < b; ++j) {
-        const float e = std::exp(sc[j] - m_new);
-        sc[j] = e;
-        sum += e;
-      }
+      const float sum = exp_sub_sum(sc + a, b - a, m_new);
       s.l[r] = s.l[r] * alpha + sum;
       s.m[r] = m_new;
       if (alpha != 1.f) scale_row(s.acc.data() + r * D, alpha, D);
@@ -221,4 +215,4 @@ void attend_rows(AttentionScratch& s, int64_t rows_per_head, float softcap, int6
   }
 }
 
-}  // namespace kv_paged::cpu
+}  // namespace kv_paged::cpu::KV_PAGED_CPU_ISA

@@ -18,6 +18,9 @@
 #include "cpu/tile_gemm.h"
 
 namespace kv_paged::cpu {
+// The kernels of this file run on the build baseline (AVX2): vec.h / attention_core.h helpers live
+// in the per-ISA namespace (csrc/cpu/isa.cpp dispatches only paged and flash attention).
+using namespace KV_PAGED_CPU_ISA;
 namespace {
 
 constexpr int64_t kKvTile = 64;  // keys per step: dK, dV of one tile live in scratch

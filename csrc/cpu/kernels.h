@@ -23,11 +23,34 @@ void copy_blocks(const void* src, const CacheLayout& src_layout, void* dst,
 void copy_contiguous_blocks(const char* src, int64_t src_stride_bytes, char* dst,
                             int64_t dst_stride_bytes, int64_t block_bytes, const CopyBlocksParams& p);
 
+// Attention: these pick the widest instruction set this CPU has (csrc/cpu/isa.cpp) and call the
+// copy of the kernel compiled for it, declared below.
 template <typename T>
 void paged_attention(const PagedAttentionParams& p);
 
 template <typename T>
 void flash_attention(const FlashAttentionParams& p);
+
+enum class Isa { kAvx2, kAvx512 };
+// The instruction set the attention kernels use: AVX-512 when the CPU (and OS) supports
+// AVX-512F/BW/VL/DQ and the build has that path, else AVX2; KV_PAGED_CPU_ISA=avx2 forces AVX2.
+// Decided once per process.
+Isa cpu_isa();
+const char* cpu_isa_name(Isa isa);
+
+namespace avx2 {
+template <typename T>
+void paged_attention(const PagedAttentionParams& p);
+template <typename T>
+void flash_attention(const FlashAttentionParams& p);
+}  // namespace avx2
+
+namespace avx512 {
+template <typename T>
+void paged_attention(const PagedAttentionParams& p);
+template <typename T>
+void flash_attention(const FlashAttentionParams& p);
+}  // namespace avx512
 
 // dq, dk, dv of flash_attention from dout, out and lse (p.dout, p.lse, p.dq, p.dk, p.dv set).
 template <typename T>

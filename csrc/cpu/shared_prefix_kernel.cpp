@@ -19,6 +19,9 @@
 #include "cpu/vec.h"
 
 namespace kv_paged::cpu {
+// The kernels of this file run on the build baseline (AVX2): vec.h / attention_core.h helpers live
+// in the per-ISA namespace (csrc/cpu/isa.cpp dispatches only paged and flash attention).
+using namespace KV_PAGED_CPU_ISA;
 namespace {
 
 constexpr int64_t kRowTarget = 96;  // query rows per item: 16 microkernel passes of 6 rows

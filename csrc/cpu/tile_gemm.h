@@ -9,6 +9,7 @@
 #include "cpu/vec.h"
 
 namespace kv_paged::cpu {
+using namespace KV_PAGED_CPU_ISA;  // vec.h's helpers (the build baseline's copy)
 
 // C[m * ldc + n] += sum_k A[m * a_m + k * a_k] * B[k * ldb + n] for m < M, n < N, k < K.
 inline void gemm_acc(float* C, int64_t ldc, const float* A, int64_t a_m, int64_t a_k,

@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "kv_paged/block_hash_index.h"
+
 namespace kv_paged {
 
 // Thrown when the pool has too few free + evictable blocks (maps to Python RuntimeError).
@@ -76,10 +78,15 @@ class BlockManager {
   void append_slots(const std::vector<int64_t>& seq_ids, const std::vector<int64_t>& token_ids,
                     int64_t* slots_out);
 
+  // Validates a slot_mapping range and returns its length end - start, so a caller can size the
+  // output before anything is allocated (a huge `end` is an error, never a huge allocation).
+  int64_t slot_mapping_len(int64_t seq_id, int64_t start, int64_t end) const;
   // slots_out[0 : end - start]: the slots of positions [start, end) of seq_id.
   void slot_mapping(int64_t seq_id, int64_t start, int64_t end, int64_t* slots_out) const;
   // Width of block_tables() for these sequences (validates seq_ids).
   int64_t max_num_blocks(const std::vector<int64_t>& seq_ids) const;
+  // The widest block table a sequence can have (2^31 - 1 tokens): the bound of a block_tables width.
+  int64_t max_blocks_per_seq() const;
   // out: int32 [seq_ids.size(), width] row-major, padded with -1. width >= max_num_blocks(seq_ids).
   void block_tables(const std::vector<int64_t>& seq_ids, int64_t width, int32_t* out) const;
   // out: int32 [seq_ids.size()].
@@ -93,7 +100,9 @@ class BlockManager {
   void free(int64_t seq_id);
   // Drains the pending copy-on-write (src, dst) pairs in issue order. A src block stays reserved
   // (neither free nor evictable) until its copy is drained, so no dst of the same batch can alias
-  // it.
+  // it. The pairs never chain and never repeat a dst, so they may be applied in any order (what
+  // copy_blocks requires): copying out of a block that is itself an undrained dst is issued from
+  // that dst's own source instead, and a dst whose sequences all freed it is dropped.
   std::vector<std::pair<int32_t, int32_t>> take_copies();
 
   bool has_seq(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
@@ -120,6 +129,7 @@ class BlockManager {
     ListId list = ListId::kNone;
     bool cached = false;        // registered in cache_ under `hash`
     bool copy_pending = false;  // src of an undrained CoW pair
+    int32_t copy_from = kNoBlock;  // in use and the dst of an undrained CoW pair from this block
     uint32_t generation = 0;    // bumped when the block leaves the cache: children's parent check
     uint64_t hash = 0;
     int32_t parent = kNoBlock;  // cached parent block and its generation at registration time
@@ -189,7 +199,7 @@ class BlockManager {
   int64_t num_free_ = 0;
   int64_t num_evictable_ = 0;
   int64_t num_in_use_ = 0;
-  std::unordered_map<uint64_t, int32_t> cache_;  // chained hash -> block
+  detail::BlockHashIndex cache_;  // chained hash -> block
   std::unordered_map<int64_t, Sequence> seqs_;
   std::unordered_map<std::string, int32_t> extra_ids_;  // 0 = no extra key
   std::vector<uint64_t> extra_hashes_{0};                // id -> hash of its key
