@@ -94,7 +94,10 @@ Args:
 }  // namespace
 
 void register_block_manager(py::module_& m) {
-  py::class_<BlockManager>(m, "BlockManager", kClassDoc)
+  // dynamic_attr: instances take attributes like a Python object's, so a method can be wrapped per
+  // instance (tests inject a KeyboardInterrupt into one call; users instrument calls) without a
+  // subclass. Lookups of the bound methods are unchanged.
+  py::class_<BlockManager>(m, "BlockManager", py::dynamic_attr(), kClassDoc)
       .def(py::init([](py::handle num_blocks, py::handle block_size, py::handle prefix) {
              const int64_t n = read_int(num_blocks, "num_blocks");
              const int64_t bs = read_int(block_size, "block_size");
