@@ -351,7 +351,7 @@ def main() -> int:
         "",
         f"Command: `python benchmarks/bench_e2e.py {' '.join(sys.argv[1:])}`",
         "",
-        "| backend | wall s | generated tok/s | vs hf_generate_b1 | same tokens as kv_paged_engine | note |",
+        f"| backend | wall s | generated tok/s | vs hf_generate_b1 | same tokens as {ref_name} | note |",
         "|---|---|---|---|---|---|",
     ]
     for name in names:
