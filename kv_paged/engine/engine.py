@@ -21,14 +21,15 @@ import torch
 
 from kv_paged.beam_search import BeamSearch, BeamSearchParams
 from kv_paged.block_manager import BlockManager
-from kv_paged.engine.inputs import encode_prompt, why_impossible
+from kv_paged.engine.inputs import encode_prompt, prompt_list, why_impossible
 from kv_paged.engine.metrics import EngineMetrics, progress_bar
 from kv_paged.engine.model_runner import ModelRunner, default_kv_memory, kv_bytes_per_block
 from kv_paged.engine.outputs import OutputProcessor, RequestOutput
 from kv_paged.engine.request import Request, ScheduledBatch, SeqStatus
 from kv_paged.engine.sampling import SamplingParams
 from kv_paged.engine.scheduler import Scheduler, StepOutcome
-from kv_paged.engine.step import StepResult, run_step
+from kv_paged.engine.step import StepPlan, StepResult, run_step
+from kv_paged.engine.tensor_parallel import TensorParallelGroup
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
@@ -45,6 +46,11 @@ class Engine:
     cascade_attention: when running sequences share leading KV blocks (a common system prompt),
       attend to the shared blocks once per group (kv_paged.cascade); False = plain paged attention
       (same outputs up to float rounding).
+    tp_timeout: under tensor parallelism (a model sharded by transformers' tensor-parallel plan,
+      under torchrun), seconds a rank waits for a control message from rank 0; None = the default
+      process group's timeout. Construct the Engine on every rank: rank 0 (the driver) schedules
+      and samples; the others run its steps inside generate() or run_worker()
+      (engine/tensor_parallel.py).
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class Engine:
         kv_memory: int | None = None,
         tokenizer=None,
         cascade_attention: bool = True,
+        tp_timeout: float | None = None,
     ) -> None:
         for name, value, low in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -89,6 +96,10 @@ class Engine:
             budget = kv_memory if kv_memory is not None else default_kv_memory(self.device)
             cap = max_num_seqs * -(-min(self.max_model_len, 1 << 20) // block_size)
             num_blocks = max(1, min(budget // self.bytes_per_block, cap))
+        # Under tensor parallelism every rank needs the same pool size: the smallest allowed.
+        self._tp = TensorParallelGroup.of(model, tp_timeout)
+        if self._tp is not None:
+            num_blocks = self._tp.agree_min(num_blocks)
         self.num_blocks = num_blocks
         self.block_manager = BlockManager(
             num_blocks, block_size, enable_prefix_caching=enable_prefix_caching
@@ -136,6 +147,7 @@ class Engine:
         the same leading blocks (a timing-free way to test a guess of another user's prompt).
         """
         self._check_open("add_request")
+        self._check_driver("add_request")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise TypeError(f"add_request: cache_salt must be a str or None, got {cache_salt!r}")
         params = params if params is not None else SamplingParams()
@@ -208,7 +220,28 @@ class Engine:
 
     def close(self) -> None:
         """Aborts what is unfinished, frees the KV pool and switches the model back to the attention
-        implementation it had; the engine cannot be used afterwards. `with Engine(...) as e:` calls it."""
+        implementation it had; the engine cannot be used afterwards. `with Engine(...) as e:` calls it.
+        Under tensor parallelism every rank calls it: rank 0's tells the others' to return."""
+        if self.closed:
+            return
+        tp = self._tp
+        if tp is not None and tp.failure is None:
+            if tp.is_driver:
+                try:
+                    tp.send("close")
+                except BaseException as e:  # a rank is gone: closed here all the same
+                    self._close_local()
+                    raise tp.fail(e)
+            else:
+                try:
+                    tp.serve(self.runner, ("close",))
+                finally:
+                    self._close_local()
+                return
+        self._close_local()
+
+    def _close_local(self) -> None:
+        """close() on this rank only: no message to the other ranks."""
         if self.closed:
             return
         for req in self._requests.values():
@@ -228,7 +261,27 @@ class Engine:
 
     def _check_open(self, what: str) -> None:
         if self.closed:
-            raise RuntimeError(f"{what}: the Engine is closed")
+            why = self._tp.failure if self._tp is not None else None
+            raise RuntimeError(
+                f"{what}: the Engine is closed"
+                + (f" (its tensor-parallel group broke: {why})" if why else "")
+            )
+
+    def _check_driver(self, what: str) -> None:
+        if self._tp is not None and not self._tp.is_driver:
+            raise RuntimeError(
+                f"{what}: this is tensor-parallel rank {self._tp.rank}; only rank "
+                f"{self._tp.driver} adds requests and steps. Call generate() on every rank "
+                "together, or run_worker() here while rank 0 uses add_request() / step()"
+            )
+
+    def run_worker(self) -> None:
+        """Tensor parallelism, ranks other than 0: runs rank 0's steps (whatever it calls: step(),
+        generate()) until rank 0 closes its Engine, then closes this one."""
+        self._check_open("run_worker")
+        if self._tp is None or self._tp.is_driver:
+            raise RuntimeError("run_worker: only tensor-parallel ranks other than 0 serve steps")
+        self.close()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending_outputs)
@@ -263,15 +316,18 @@ class Engine:
         """step(); final_only: build outputs of finished requests only (generate() needs no
         others, and building B outputs with their token lists every step is O(B * length))."""
         self._check_open("step")
+        self._check_driver("step")
         touched: dict[str, Request] = {r.request_id: r for r in self._pending_outputs}
         if self.scheduler.has_unfinished():
             batch = self.scheduler.schedule()
             self._metrics.preemptions += len(batch.preempted)
             if batch.entries:
                 try:
-                    result = run_step(self.runner, batch, self.tokenizer)
+                    result = run_step(self._forward, batch, StepPlan.of(batch), self.tokenizer)
                 except BaseException:  # undone: the batch's sequences recompute later
                     self.scheduler.requeue(batch.entries)
+                    if self._tp is not None and self._tp.failure is not None:
+                        self._close_local()  # the group is out of step: this engine is done
                     raise
                 outcome = self.scheduler.postprocess(batch, result)
                 self._record_step(batch, result, outcome)
@@ -299,6 +355,12 @@ class Engine:
             self._pending_outputs.extend(r for r in pending[done:] if r.finished)
             raise
         return outputs
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        """The step's forward: this process's model, or every rank's under tensor parallelism."""
+        if self._tp is not None:
+            return self._tp.drive(self.runner, plan)
+        return self.runner.forward(*plan.args())
 
     def _build_output(self, req: Request) -> RequestOutput:
         """The request's output; if building it fails (the tokenizer is user code), the request
@@ -338,20 +400,37 @@ class Engine:
         params: one SamplingParams or BeamSearchParams for all, or one per prompt; None =
           SamplingParams().
         cache_salt: the prefix-cache tenant of these requests (see add_request).
+        Under tensor parallelism every rank calls it; rank 0's prompts are the ones served, and
+        the other ranks run its steps and return [] (or raise what rank 0's call raised).
         """
-        if isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-            prompts = [prompts]
-        if params is None or isinstance(params, (SamplingParams, BeamSearchParams)):
-            params_list = [params] * len(prompts)
-        else:
-            params_list = list(params)
-            if len(params_list) != len(prompts):
-                raise ValueError(
-                    f"generate: {len(params_list)} SamplingParams for {len(prompts)} prompts"
-                )
+        tp = self._tp
+        if tp is None:
+            return self._generate(prompts, params, use_tqdm, cache_salt)
+        self._check_open("generate")
+        if not tp.is_driver:
+            try:
+                kind, error = tp.serve(self.runner, ("end", "close"))
+            except BaseException:
+                self._close_local()
+                raise
+            if kind == "close":
+                self._close_local()
+                raise RuntimeError("generate: rank 0 closed its Engine instead of generating")
+            if error is not None:
+                raise error
+            return []
+        try:
+            outputs = self._generate(prompts, params, use_tqdm, cache_salt)
+        except BaseException as e:
+            if tp.failure is None:  # the group is in step: the other ranks raise it too
+                tp.send("end", _picklable(e))
+            raise
+        tp.send("end", None)
+        return outputs
+
+    def _generate(self, prompts, params, use_tqdm: bool, cache_salt) -> list[RequestOutput]:
+        """generate() in this process: rank 0's under tensor parallelism."""
+        prompts, params_list = prompt_list(prompts, params)
         if self.has_unfinished():
             raise RuntimeError(
                 f"generate: {len(self._requests)} requests added with add_request() are unfinished; "
@@ -449,3 +528,14 @@ class Engine:
                 for s in running
             ),
         )
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """exc, or a RuntimeError with its text when exc cannot travel to another rank (pickle)."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"rank 0: {type(exc).__name__}: {exc}")

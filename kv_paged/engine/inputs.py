@@ -10,7 +10,26 @@ from __future__ import annotations
 
 import torch
 
+from kv_paged.beam_search import BeamSearchParams
 from kv_paged.engine.request import Request
+from kv_paged.engine.sampling import SamplingParams
+
+
+def prompt_list(prompts, params) -> tuple[list, list]:
+    """generate()'s arguments as (prompts, params) lists of equal length. prompts: a list of
+    prompts, or one prompt on its own (a string, a flat token-id list, a 1-D tensor); params: one
+    SamplingParams / BeamSearchParams / None for all, or one per prompt."""
+    if isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        prompts = [prompts]
+    if params is None or isinstance(params, (SamplingParams, BeamSearchParams)):
+        return prompts, [params] * len(prompts)
+    params_list = list(params)
+    if len(params_list) != len(prompts):
+        raise ValueError(f"generate: {len(params_list)} SamplingParams for {len(prompts)} prompts")
+    return prompts, params_list
 
 
 def encode_prompt(prompt, tokenizer, vocab_size: int | None) -> list[int]:

@@ -21,6 +21,42 @@ from kv_paged.engine.sampling import sample, token_logprobs
 
 
 @dataclass
+class StepPlan:
+    """The inputs of one step's forward, ModelRunner.forward's arguments: every sequence's new
+    tokens and first position, the slot mapping, block tables, copy-on-write pairs and the rows
+    that sample. Under tensor parallelism the driver sends it to every rank."""
+
+    token_chunks: list[list[int]]
+    starts: list[int]
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    copies: torch.Tensor
+    sampling_rows: list[int]
+
+    @classmethod
+    def of(cls, batch: ScheduledBatch) -> StepPlan:
+        entries = batch.entries
+        return cls(
+            token_chunks=[e.seq.token_ids[e.start : e.end] for e in entries],
+            starts=[e.start for e in entries],
+            slot_mapping=batch.slot_mapping,
+            block_tables=batch.block_tables,
+            copies=batch.copies,
+            sampling_rows=[i for i, e in enumerate(entries) if e.samples],
+        )
+
+    def args(self) -> tuple:
+        return (
+            self.token_chunks,
+            self.starts,
+            self.slot_mapping,
+            self.block_tables,
+            self.copies,
+            self.sampling_rows,
+        )
+
+
+@dataclass
 class StepResult:
     """What one step produced, not yet applied to any sequence."""
 
@@ -40,12 +76,13 @@ class StepResult:
     done_time: float = 0.0  # time.perf_counter() once sampling finished: first-token stamps
 
 
-def run_step(runner, batch: ScheduledBatch, tokenizer) -> StepResult:
-    """Runs batch's forward through runner (a ModelRunner) and samples every row that samples.
-    Raises whatever the forward, the sampler or the tokenizer raise, with generators and beam
-    searches as they were before the call."""
+def run_step(forward, batch: ScheduledBatch, plan: StepPlan, tokenizer) -> StepResult:
+    """Runs batch's forward and samples every row that samples. forward(plan) returns the logits
+    of plan's sampling rows (ModelRunner.forward, or the tensor-parallel driver's). Raises
+    whatever the forward, the sampler or the tokenizer raise, with generators and beam searches
+    as they were before the call."""
     entries = batch.entries
-    sampling_rows = [i for i, e in enumerate(entries) if e.samples]
+    sampling_rows = plan.sampling_rows
     # Rows to sample: one per sequence, except an unforked n > 1 request, which samples all n of
     # its sequences from the prompt's logits row (each with its own generator). A beam search
     # request's rows are not sampled: their log-probabilities go to its search.
@@ -66,14 +103,7 @@ def run_step(runner, batch: ScheduledBatch, tokenizer) -> StepResult:
     result = StepResult()
     t0 = time.perf_counter()
     try:
-        logits = runner.forward(
-            [e.seq.token_ids[e.start : e.end] for e in entries],
-            [e.start for e in entries],
-            batch.slot_mapping,
-            batch.block_tables,
-            batch.copies,
-            sampling_rows,
-        )  # [len(sampling_rows), vocab]
+        logits = forward(plan)  # [len(sampling_rows), vocab]
         result.failed = _non_finite_requests(logits, entries, sampling_rows)
         if result.failed:  # their rows are not sampled
             row_index, row_seqs = _drop(result.failed, row_index, row_seqs)

@@ -60,7 +60,11 @@ from kv_paged.integrations.hf.attention import (  # noqa: E402
 )
 from kv_paged.integrations.hf.cache import CACHE_KWARG, PagedCache, PagedLayer, attach  # noqa: E402
 from kv_paged.integrations.hf.models import TINY_ARCHS, tiny_model  # noqa: E402
-from kv_paged.integrations.hf.spec import kv_cache_spec, use_kv_paged_attention  # noqa: E402
+from kv_paged.integrations.hf.spec import (  # noqa: E402
+    kv_cache_spec,
+    tensor_parallel_size,
+    use_kv_paged_attention,
+)
 
 __all__ = [
     "ATTN_NAME",
@@ -75,6 +79,7 @@ __all__ = [
     "kv_paged_attention",
     "kv_paged_mask",
     "register",
+    "tensor_parallel_size",
     "tiny_model",
     "use_kv_paged_attention",
 ]
