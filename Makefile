@@ -25,7 +25,8 @@ OLDEST_TRANSFORMERS := transformers==5.17.0
 OLDEST_EXTRAS := psutil
 OLDEST_VENV := .venv-oldest
 OLDEST_TESTS := tests/test_hf_cache.py tests/test_hf_models.py tests/test_hf_beam.py tests/test_engine_beam.py \
-  tests/test_hf_wrapper.py tests/test_interrupts.py tests/test_engine.py tests/test_beam_search.py
+  tests/test_hf_wrapper.py tests/test_interrupts.py tests/test_engine.py tests/test_beam_search.py \
+  tests/test_tensor_parallel.py
 
 .PHONY: demo test build python-env gtest cpp-test cuda-check cuda-emu lint pytest test-oldest bench clean
 
