@@ -28,12 +28,12 @@ OLDEST_TESTS := tests/test_hf_cache.py tests/test_hf_models.py tests/test_hf_bea
   tests/test_hf_wrapper.py tests/test_interrupts.py tests/test_engine.py tests/test_beam_search.py \
   tests/test_tensor_parallel.py
 
-.PHONY: demo test build python-env gtest cpp-test cuda-check cuda-emu lint pytest test-oldest bench clean
+.PHONY: demo test build python-env gtest cpp-test asan-python cuda-check cuda-emu lint pytest test-oldest bench clean
 
 demo: build
 	$(PYTHON) -m kv_paged demo
 
-test: build cpp-test cuda-check cuda-emu lint pytest test-oldest
+test: build cpp-test asan-python cuda-check cuda-emu lint pytest test-oldest
 
 # Python environment: torch (pinned, only when none is importable) and the test/demo dependencies.
 # Each is installed only when missing, so this works offline where everything is already there.
@@ -73,6 +73,11 @@ cpp-test: gtest
 	cmake -S . -B build/cpp-sanitize -DCMAKE_BUILD_TYPE=Debug -DKV_PAGED_SANITIZE=ON >/dev/null; \
 	cmake --build build/cpp-sanitize -j $(MAX_JOBS); \
 	ctest --test-dir build/cpp-sanitize --output-on-failure
+
+# The Python BlockManager tests (threads, bad arguments, contract) against an ASan + UBSan build of
+# the pybind11 binding and the C++ core (tools/asan_python.sh; ~2 min to build on 2 cores).
+asan-python: build
+	@PYTHON=$(PYTHON) bash tools/asan_python.sh
 
 # Compiles every CUDA kernel (and the CUDA glue) for sm_90a and sm_80 wherever nvcc exists.
 cuda-check:

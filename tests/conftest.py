@@ -4,8 +4,10 @@ length and in every unused block, a zero-length sequence, non-contiguous views).
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -13,6 +15,16 @@ import pytest
 import torch
 
 import kv_paged  # noqa: F401  (loads the extension and the fake implementations)
+
+if os.environ.get("KV_PAGED_SANITIZED_BM"):
+    # tools/asan_python.sh: the block manager tests run against the ASan + UBSan build of the
+    # binding and the C++ core (module _bm_sanitized) instead of kv_paged._C's.
+    _spec = importlib.util.spec_from_file_location(
+        "_bm_sanitized", os.environ["KV_PAGED_SANITIZED_BM"]
+    )
+    _sanitized = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_sanitized)
+    kv_paged.BlockManager = kv_paged.block_manager.BlockManager = _sanitized.BlockManager
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -97,7 +97,13 @@ void register_block_manager(py::module_& m) {
   // dynamic_attr: instances take attributes like a Python object's, so a method can be wrapped per
   // instance (tests inject a KeyboardInterrupt into one call; users instrument calls) without a
   // subclass. Lookups of the bound methods are unchanged.
+#ifdef KV_PAGED_MODULE_LOCAL_TYPES
+  // tools/asan_python.sh's sanitized copy lives beside kv_paged._C in one process: its class must
+  // not clash with _C's registration of the same C++ type in pybind11's shared registry.
+  py::class_<BlockManager>(m, "BlockManager", py::module_local(), py::dynamic_attr(), kClassDoc)
+#else
   py::class_<BlockManager>(m, "BlockManager", py::dynamic_attr(), kClassDoc)
+#endif
       .def(py::init([](py::handle num_blocks, py::handle block_size, py::handle prefix) {
              const int64_t n = read_int(num_blocks, "num_blocks");
              const int64_t bs = read_int(block_size, "block_size");
