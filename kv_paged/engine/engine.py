@@ -407,26 +407,14 @@ class Engine:
         if tp is None:
             return self._generate(prompts, params, use_tqdm, cache_salt)
         self._check_open("generate")
-        if not tp.is_driver:
-            try:
-                kind, error = tp.serve(self.runner, ("end", "close"))
-            except BaseException:
-                self._close_local()
-                raise
-            if kind == "close":
-                self._close_local()
-                raise RuntimeError("generate: rank 0 closed its Engine instead of generating")
-            if error is not None:
-                raise error
-            return []
+        if tp.is_driver:
+            return tp.lead(lambda: self._generate(prompts, params, use_tqdm, cache_salt))
         try:
-            outputs = self._generate(prompts, params, use_tqdm, cache_salt)
-        except BaseException as e:
-            if tp.failure is None:  # the group is in step: the other ranks raise it too
-                tp.send("end", _picklable(e))
-            raise
-        tp.send("end", None)
-        return outputs
+            tp.follow(self.runner)
+        finally:
+            if tp.failure is not None or tp.driver_closed:
+                self._close_local()
+        return []
 
     def _generate(self, prompts, params, use_tqdm: bool, cache_salt) -> list[RequestOutput]:
         """generate() in this process: rank 0's under tensor parallelism."""
@@ -528,14 +516,3 @@ class Engine:
                 for s in running
             ),
         )
-
-
-def _picklable(exc: BaseException) -> BaseException:
-    """exc, or a RuntimeError with its text when exc cannot travel to another rank (pickle)."""
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError(f"rank 0: {type(exc).__name__}: {exc}")

@@ -20,6 +20,7 @@ it then raises with the failed rank's report first, or names the rank that repor
 from __future__ import annotations
 
 import datetime
+import pickle
 import time
 import uuid
 
@@ -56,6 +57,7 @@ class TensorParallelGroup:
             **kwargs,
         )
         self.failure: str | None = None  # set once the group broke: why
+        self.driver_closed = False  # a worker got the driver's "close"
         # Store keys of this engine's failure reports, the same on every rank.
         self._prefix = f"kv_paged/engine/{self._broadcast(uuid.uuid4().hex)}/failed/"
 
@@ -116,6 +118,28 @@ class TensorParallelGroup:
             if kind in until:
                 return kind, payload
 
+    def lead(self, generate):
+        """Driver side of a collective Engine.generate(): returns generate()'s outputs after
+        telling the other ranks it ended, or sends them what it raised and raises it."""
+        try:
+            outputs = generate()
+        except BaseException as e:
+            if self.failure is None:  # the group is in step: the other ranks raise it too
+                self.send("end", _picklable(e))
+            raise
+        self.send("end", None)
+        return outputs
+
+    def follow(self, runner) -> None:
+        """Worker side of Engine.generate(): runs the driver's steps until its generate() ends;
+        raises what it raised, or a RuntimeError if the driver closed its Engine instead."""
+        kind, error = self.serve(runner, ("end", "close"))
+        if kind == "close":
+            self.driver_closed = True
+            raise RuntimeError("generate: rank 0 closed its Engine instead of generating")
+        if error is not None:
+            raise error
+
     def agree_min(self, value: int) -> int:
         """The smallest of every rank's value (e.g. the pool size each rank's memory allows)."""
         t = torch.tensor([value], dtype=torch.int64)
@@ -167,6 +191,15 @@ class TensorParallelGroup:
             if found or time.monotonic() > deadline:
                 return [found[r] for r in sorted(found)]
             time.sleep(0.05)
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """exc, or a RuntimeError with its text when exc cannot travel to another rank (pickle)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"rank 0: {type(exc).__name__}: {exc}")
 
 
 def _store_set(store, key: str, value: str) -> None:
