@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +37,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cpu_timing
+from cpu_timing import cpu_name, time_cpu  # noqa: E402
+
 import kv_paged  # noqa: E402
 from kv_paged import ops  # noqa: E402
 
@@ -171,17 +172,6 @@ BACKENDS: dict[str, dict] = {
 # ---- timing -------------------------------------------------------------------------------------
 
 
-def time_cpu(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def time_cuda(fn, warmup: int, iters: int, flush: torch.Tensor) -> float:
     for _ in range(warmup):
         fn()
@@ -212,17 +202,6 @@ def copy_bandwidth_cuda(flush: torch.Tensor, warmup: int, iters: int) -> float:
     dst = torch.empty_like(src)
     seconds = time_cuda(lambda: dst.copy_(src), warmup, iters, flush)
     return 2 * src.numel() / seconds
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cpu_timing
+from cpu_timing import cpu_name, time_cpu  # noqa: E402
+
 import kv_paged  # noqa: E402
 from kv_paged import ops  # noqa: E402
 from kv_paged.cascade import cascade_attention, plan_cascade  # noqa: E402
@@ -121,28 +122,6 @@ BACKENDS: dict[str, Callable[[Work], Callable[[], torch.Tensor]]] = {
     "cascade": setup_cascade,
     "sdpa": setup_sdpa,
 }
-
-
-def time_cpu(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench_ops(args, dtype) -> list[str]:

@@ -107,17 +107,12 @@ def check_state(out, lse, ref_out, same_dtype_out, ref_lse):
 # ---- shared_prefix_attention ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "heads, head_dim, bs", [((4, 4), 64, 16), ((8, 2), 80, 8), ((6, 1), 36, 1)]
-)
-@pytest.mark.parametrize("softcap", [None, 4.0])
-def test_shared_prefix_op(heads, head_dim, bs, dtype, softcap, device, gen):
-    """Groups of 1, 5 and 40 rows in shuffled row order, prefixes ending mid-block and mid-tile
-    (>64 keys), an empty prefix, and rows in no group."""
+def check_shared_prefix(
+    plens, sizes, heads, head_dim, bs, dtype, softcap, device, gen, q_scale=1.0
+):
+    """Runs shared_prefix_attention with group g = sizes[g] rows (shuffled, 60 query rows in all, the
+    rest in no group) over a prefix of plens[g] keys, and checks (out, lse) against the reference."""
     h, kvh = heads
-    plens = [3 * bs + 5 if bs > 1 else 7, 0, 130, bs]
     batch = SharedBatch(
         {f"s{g}": -(-n // bs) for g, n in enumerate(plens)},
         [([], 0, 0, 0)],
@@ -130,11 +125,12 @@ def test_shared_prefix_op(heads, head_dim, bs, dtype, softcap, device, gen):
     )
     total_q = 60
     query = randn((total_q, h, head_dim), dtype, gen, pad_last=8)
-    sizes = [5, 3, 40, 1]
+    if q_scale != 1.0:
+        query = (query.float() * q_scale).to(dtype)
     order = torch.randperm(total_q, generator=gen)[: sum(sizes)]
     width = max(1, *(len(b) for b in batch.segment_blocks.values()))
-    tables = torch.full((4, width), -1, dtype=torch.int32)
-    for g in range(4):
+    tables = torch.full((len(plens), width), -1, dtype=torch.int32)
+    for g in range(len(plens)):
         blocks = batch.segment_blocks[f"s{g}"]
         tables[g, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
     cu = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32)
@@ -163,6 +159,30 @@ def test_shared_prefix_op(heads, head_dim, bs, dtype, softcap, device, gen):
         if n:
             ref_lse[rows] = lse_reference(query[rows], k, v, scale, softcap)
     check_state(out, lse, ref, same, ref_lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "heads, head_dim, bs", [((4, 4), 64, 16), ((8, 2), 80, 8), ((6, 1), 36, 1)]
+)
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_shared_prefix_op(heads, head_dim, bs, dtype, softcap, device, gen):
+    """Groups of 1, 5 and 40 rows in shuffled row order, prefixes ending mid-block and mid-tile
+    (>64 keys), an empty prefix, and rows in no group."""
+    plens = [3 * bs + 5 if bs > 1 else 7, 0, 130, bs]
+    check_shared_prefix(plens, [5, 3, 40, 1], heads, head_dim, bs, dtype, softcap, device, gen)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_prefix_underflow_and_empty_rows(device, gen):
+    """Logits hundreds apart, so exp(s - max) underflows to 0 for most keys (past the fp32 range of
+    the vectorised exp), a last tile with one key and 15 -inf pads (65 keys), a one-key prefix, and empty
+    prefixes (rows with no key at all): outputs stay finite, lse is -inf exactly for the empty rows."""
+    plens = [65, 0, 1, 200, 0]
+    check_shared_prefix(
+        plens, [6, 4, 3, 20, 1], (4, 2), 64, 16, torch.float32, None, device, gen, q_scale=60.0
+    )
 
 
 # ---- paged_attention_lse and merge_attention_states ---------------------------------------------

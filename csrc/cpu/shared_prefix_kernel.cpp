@@ -5,7 +5,7 @@
 // AVX2 sgemm shape: 12 accumulators + 2 panel vectors + 1 broadcast = 15 of 16 ymm registers).
 // The prefix is read once per (kv head, chunk) instead of once per sequence, so memory traffic
 // drops by ~rows-per-chunk / G and the step becomes compute bound on FMAs; softmax is online per
-// tile with a vectorised exp.
+// tile with vec.h's vectorised exp (exp_sub_sum; the -inf of padded keys gives exactly 0).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -34,49 +34,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kSerialMacs = int64_t{1} << 21;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-#ifdef KV_PAGED_CPU_AVX2
-// exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, degree-5 polynomial, ~2 ulp); inputs
-// below -87 (the -inf of masked keys included) give exactly 0.
-inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-#endif
-
-// p[0, n) = exp(p[0, n) - m), returns their sum. n is a multiple of 8 on the AVX2 path.
-inline float exp_shifted_sum(float* p, int64_t n, float m) {
-  int64_t j = 0;
-  float sum = 0.f;
-#ifdef KV_PAGED_CPU_AVX2
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 acc = _mm256_setzero_ps();
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + j), mv));
-    _mm256_storeu_ps(p + j, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  sum = hsum(acc);
-#endif
-  for (; j < n; ++j) {
-    p[j] = std::exp(p[j] - m);
-    sum += p[j];
-  }
-  return sum;
-}
 
 // S[i][0, n) = sum_d Q[i][d] * KT[d][0, n) for rows i < R. n is a multiple of kNr; every row
 // stride is in floats.
@@ -269,7 +226,7 @@ void shared_prefix_attention(const SharedPrefixParams& p) {
           for (int64_t j = 0; j < nv; ++j) tile_max = std::max(tile_max, s[j]);
           const float m_new = std::max(sc.m[r], tile_max);
           const float alpha = std::exp(sc.m[r] - m_new);  // 0 on the first tile
-          sc.l[r] = sc.l[r] * alpha + exp_shifted_sum(s, n, m_new);
+          sc.l[r] = sc.l[r] * alpha + exp_sub_sum(s, n, m_new);
           sc.m[r] = m_new;
           if (alpha != 1.f) scale_row(sc.acc.data() + r * Dp, alpha, Dp);
         }

@@ -4,23 +4,14 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <limits>
-#include <tuple>
-
 #include "cpu/cascade_kernels.h"
 #include "ops/cascade_validate.h"
+#include "ops/op_wrappers.h"
 
 namespace kv_paged {
 namespace {
 
-using State = std::tuple<at::Tensor, at::Tensor>;
-
-// An empty state for query [total_q, num_heads, head_dim]: out zeros, lse -inf.
-State empty_state(const at::Tensor& query) {
-  const auto f32 = query.options().dtype(at::kFloat);
-  return {at::zeros(query.sizes(), f32),
-          at::full({query.size(0), query.size(1)}, -std::numeric_limits<float>::infinity(), f32)};
-}
+using State = AttentionState;
 
 // See the schema in csrc/torch_bindings.cpp. Returns (out fp32 [total_q, num_heads, head_dim],
 // lse fp32 [total_q, num_heads]).
@@ -31,7 +22,7 @@ State shared_prefix_attention_cpu(const at::Tensor& query, const at::Tensor& k_c
   TORCH_CHECK(query.is_cpu(), "query: expected a CPU tensor, got ", query.device());
   TORCH_CHECK(query.dim() == 3, "query: expected a 3-D tensor [total_q, num_heads, head_dim], got shape ",
               query.sizes());
-  auto [out, lse] = empty_state(query);
+  auto [out, lse] = empty_attention_state(query);
   const SharedPrefixParams p =
       make_shared_prefix_params(query, k_cache, v_cache, prefix_block_tables, prefix_lens,
                                 cu_group_rows, group_rows, scale, softcap, out, lse);
@@ -53,7 +44,7 @@ State paged_attention_lse_cpu(const at::Tensor& query, const at::Tensor& k_cache
   TORCH_CHECK(query.is_cpu(), "query: expected a CPU tensor, got ", query.device());
   TORCH_CHECK(query.dim() == 3, "query: expected a 3-D tensor [total_q, num_heads, head_dim], got shape ",
               query.sizes());
-  auto [out, lse] = empty_state(query);
+  auto [out, lse] = empty_attention_state(query);
   const SuffixAttentionParams p =
       make_suffix_params(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv, kv_start,
                          scale, causal, sliding_window, softcap, out, lse, /*check_values=*/true);

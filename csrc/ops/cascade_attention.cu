@@ -3,23 +3,15 @@
 // Written without access to a GPU: compiled by `make cuda-check`, never run.
 #include <torch/library.h>
 
-#include <limits>
-#include <tuple>
-
 #include "kv_paged/cascade_attention_kernel.cuh"
 #include "ops/cascade_validate.h"
 #include "ops/cuda_glue.cuh"
+#include "ops/op_wrappers.h"
 
 namespace kv_paged {
 namespace {
 
-using State = std::tuple<at::Tensor, at::Tensor>;
-
-State empty_state(const at::Tensor& query) {
-  const auto f32 = query.options().dtype(at::kFloat);
-  return {at::zeros(query.sizes(), f32),
-          at::full({query.size(0), query.size(1)}, -std::numeric_limits<float>::infinity(), f32)};
-}
+using State = AttentionState;
 
 template <typename T, typename Launch>
 cudaError_t dispatch_head_dim(int64_t head_dim, Launch&& launch) {
@@ -47,7 +39,7 @@ State shared_prefix_attention_cuda(const at::Tensor& query, const at::Tensor& k_
                                    const at::Tensor& group_rows, double scale, double softcap) {
   TORCH_CHECK(query.dim() == 3, "query: expected a 3-D tensor [total_q, num_heads, head_dim], got shape ",
               query.sizes());
-  auto [out, lse] = empty_state(query);
+  auto [out, lse] = empty_attention_state(query);
   const SharedPrefixParams p =
       make_shared_prefix_params(query, k_cache, v_cache, prefix_block_tables, prefix_lens,
                                 cu_group_rows, group_rows, scale, softcap, out, lse);
@@ -72,7 +64,7 @@ State paged_attention_lse_cuda(const at::Tensor& query, const at::Tensor& k_cach
                                int64_t sliding_window, double softcap) {
   TORCH_CHECK(query.dim() == 3, "query: expected a 3-D tensor [total_q, num_heads, head_dim], got shape ",
               query.sizes());
-  auto [out, lse] = empty_state(query);
+  auto [out, lse] = empty_attention_state(query);
   const SuffixAttentionParams p =
       make_suffix_params(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv, kv_start,
                          scale, causal, sliding_window, softcap, out, lse, /*check_values=*/false);

@@ -78,15 +78,7 @@ SharedPrefixParams make_shared_prefix_params(const at::Tensor& query, const at::
   Expect(k_cache, "k_cache").dtype(dt).on(query, "query");
   Expect(v_cache, "v_cache").dtype(dt).on(query, "query");
   SharedPrefixParams p;
-  p.k_layout = cache_layout(k_cache, "k_cache");
-  p.v_layout = cache_layout(v_cache, "v_cache");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache: shape ", v_cache.sizes(),
-              " does not match k_cache shape ", k_cache.sizes());
-  TORCH_CHECK(query.size(2) == p.k_layout.head_dim, "query: head_dim ", query.size(2),
-              " does not match k_cache head_dim ", p.k_layout.head_dim);
-  TORCH_CHECK(query.size(1) > 0 && query.size(1) % p.k_layout.num_kv_heads == 0,
-              "query: num_heads ", query.size(1),
-              " must be a positive multiple of k_cache's num_kv_heads ", p.k_layout.num_kv_heads);
+  check_query_pools(p, query, k_cache, v_cache);
   Expect(prefix_block_tables, "prefix_block_tables")
       .rank(2, "of int32 [num_groups, max_prefix_blocks]")
       .dtype(at::kInt)
@@ -104,9 +96,7 @@ SharedPrefixParams make_shared_prefix_params(const at::Tensor& query, const at::
   TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
   TORCH_CHECK(std::isfinite(softcap), "softcap: must be finite (<= 0 disables it), got ", softcap);
   check_state(out, lse, query);
-  p.query = query.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
+  fill_query_pool_fields(p, query, k_cache, v_cache, prefix_block_tables, scale, softcap);
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   p.prefix_block_tables = prefix_block_tables.data_ptr<int32_t>();
@@ -115,16 +105,7 @@ SharedPrefixParams make_shared_prefix_params(const at::Tensor& query, const at::
   p.group_rows = group_rows.data_ptr<int32_t>();
   p.num_groups = num_groups;
   p.num_group_rows = group_rows.size(0);
-  p.total_q = query.size(0);
-  p.num_heads = query.size(1);
-  p.num_kv_heads = p.k_layout.num_kv_heads;
-  p.head_dim = query.size(2);
   p.max_prefix_blocks = prefix_block_tables.size(1);
-  p.block_table_stride = prefix_block_tables.stride(0);
-  p.q_stride_token = query.stride(0);
-  p.q_stride_head = query.stride(1);
-  p.scale = static_cast<float>(scale);
-  p.softcap = softcap > 0 ? static_cast<float>(softcap) : 0.f;
   return p;
 }
 

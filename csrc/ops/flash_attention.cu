@@ -2,16 +2,16 @@
 // prefill kernel (prefill_attention_kernel.cuh); rows that are not 16-byte aligned (odd head_dim,
 // odd strides) are first copied into zero-padded tensors, which changes no score. fp32 runs the
 // split-KV CUDA-core kernel (decode_attention_kernel.cuh): correct for any shape, not tuned.
-// flash_attention_forward is the same call with each row's LSE written too (for the backward).
+// flash_attention / flash_attention_forward wrap run_flash_attention_cuda (op_wrappers.h).
 #include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
 #include <type_traits>
 
 #include "kv_paged/decode_attention_kernel.cuh"
 #include "kv_paged/prefill_attention_kernel.cuh"
 #include "ops/cuda_glue.cuh"
+#include "ops/op_wrappers.h"
 #include "ops/validate.h"
 
 namespace kv_paged {
@@ -109,32 +109,11 @@ at::Tensor run_flash_attention_cuda(const at::Tensor& q, const at::Tensor& k, co
   return out;
 }
 
-at::Tensor flash_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-                                bool causal, int64_t sliding_window, double softcap) {
-  return run_flash_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  scale, causal, sliding_window, softcap, at::Tensor());
-}
-
-// As flash_attention_cuda, plus lse: float32 [total_q, num_heads] (-inf where a row sees no key).
-std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    bool causal, int64_t sliding_window, double softcap) {
-  TORCH_CHECK(q.dim() == 3, "q: expected a 3-D tensor [total_q, num_heads, head_dim], got shape ",
-              q.sizes());
-  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
-  at::Tensor out = run_flash_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                            max_seqlen_k, scale, causal, sliding_window, softcap, lse);
-  return {out, lse};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kv_paged, CUDA, m) {
-  m.impl("flash_attention", &flash_attention_cuda);
-  m.impl("flash_attention_forward", &flash_attention_forward_cuda);
+  m.impl("flash_attention", &flash_attention_op<run_flash_attention_cuda>);
+  m.impl("flash_attention_forward", &flash_attention_forward_op<run_flash_attention_cuda>);
 }
 
 }  // namespace kv_paged

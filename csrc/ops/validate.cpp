@@ -5,6 +5,8 @@
 #include <cmath>
 #include <unordered_set>
 
+#include "kv_paged/cascade_params.h"
+
 namespace kv_paged {
 namespace {
 
@@ -91,6 +93,46 @@ CacheLayout cache_layout(const at::Tensor& cache, const char* name) {
   return l;
 }
 
+template <typename Params>
+void check_query_pools(Params& p, const at::Tensor& query, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache) {
+  p.k_layout = cache_layout(k_cache, "k_cache");
+  p.v_layout = cache_layout(v_cache, "v_cache");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache: shape ", v_cache.sizes(),
+              " does not match k_cache shape ", k_cache.sizes());
+  TORCH_CHECK(query.size(2) == p.k_layout.head_dim, "query: head_dim ", query.size(2),
+              " does not match k_cache head_dim ", p.k_layout.head_dim);
+  TORCH_CHECK(query.size(1) > 0 && query.size(1) % p.k_layout.num_kv_heads == 0,
+              "query: num_heads ", query.size(1), " must be a positive multiple of k_cache's num_kv_heads ",
+              p.k_layout.num_kv_heads);
+}
+template void check_query_pools(PagedAttentionParams&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&);
+template void check_query_pools(SharedPrefixParams&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&);
+
+template <typename Params>
+void fill_query_pool_fields(Params& p, const at::Tensor& query, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            double scale, double softcap) {
+  p.query = query.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.total_q = query.size(0);
+  p.num_heads = query.size(1);
+  p.num_kv_heads = p.k_layout.num_kv_heads;
+  p.head_dim = query.size(2);
+  p.block_table_stride = block_tables.stride(0);
+  p.q_stride_token = query.stride(0);
+  p.q_stride_head = query.stride(1);
+  p.scale = static_cast<float>(scale);
+  p.softcap = softcap > 0 ? static_cast<float>(softcap) : 0.f;
+}
+template void fill_query_pool_fields(PagedAttentionParams&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, double, double);
+template void fill_query_pool_fields(SharedPrefixParams&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, double, double);
+
 ReshapeAndCacheParams make_reshape_and_cache_params(const at::Tensor& key, const at::Tensor& value,
                                                     const at::Tensor& k_cache,
                                                     const at::Tensor& v_cache,
@@ -147,15 +189,7 @@ PagedAttentionParams make_paged_attention_params(
   check_device(k_cache, "k_cache", query, "query");
   check_device(v_cache, "v_cache", query, "query");
   PagedAttentionParams p;
-  p.k_layout = cache_layout(k_cache, "k_cache");
-  p.v_layout = cache_layout(v_cache, "v_cache");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache: shape ", v_cache.sizes(),
-              " does not match k_cache shape ", k_cache.sizes());
-  TORCH_CHECK(query.size(2) == p.k_layout.head_dim, "query: head_dim ", query.size(2),
-              " does not match k_cache head_dim ", p.k_layout.head_dim);
-  TORCH_CHECK(query.size(1) > 0 && query.size(1) % p.k_layout.num_kv_heads == 0,
-              "query: num_heads ", query.size(1), " must be a positive multiple of k_cache's num_kv_heads ",
-              p.k_layout.num_kv_heads);
+  check_query_pools(p, query, k_cache, v_cache);
   check_rank(seq_lens_kv, "seq_lens_kv", 1, "of int32 [num_seqs]");
   const int64_t num_seqs = seq_lens_kv.size(0);
   check_index_vector(seq_lens_kv, "seq_lens_kv", num_seqs, query, "query");
@@ -172,26 +206,15 @@ PagedAttentionParams make_paged_attention_params(
   TORCH_CHECK(out.sizes() == query.sizes() && out.is_contiguous() &&
                   out.scalar_type() == query.scalar_type() && out.device() == query.device(),
               "out: must be a contiguous tensor shaped and typed like query");
-  p.query = query.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
+  fill_query_pool_fields(p, query, k_cache, v_cache, block_tables, scale, softcap);
   p.out = out.data_ptr();
   p.block_tables = block_tables.data_ptr<int32_t>();
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.seq_lens_kv = seq_lens_kv.data_ptr<int32_t>();
   p.num_seqs = num_seqs;
-  p.total_q = query.size(0);
-  p.num_heads = query.size(1);
-  p.num_kv_heads = p.k_layout.num_kv_heads;
-  p.head_dim = query.size(2);
   p.max_blocks_per_seq = block_tables.size(1);
-  p.block_table_stride = block_tables.stride(0);
-  p.q_stride_token = query.stride(0);
-  p.q_stride_head = query.stride(1);
   p.out_stride_token = out.stride(0);
   p.out_stride_head = out.stride(1);
-  p.scale = static_cast<float>(scale);
-  p.softcap = softcap > 0 ? static_cast<float>(softcap) : 0.f;
   p.sliding_window = sliding_window > 0 ? sliding_window : 0;
   p.causal = causal;
   return p;

@@ -15,6 +15,21 @@ namespace kv_paged {
 // k_cache / v_cache: [num_blocks, block_size, num_kv_heads, head_dim], head_dim contiguous.
 CacheLayout cache_layout(const at::Tensor& cache, const char* name);
 
+// What paged_attention and shared_prefix_attention (PagedAttentionParams, SharedPrefixParams)
+// check and fill alike, so the two messages and fields cannot drift apart.
+// check_query_pools: query [total_q, num_heads, head_dim] (rank, dtype and device already checked)
+// against the pools; sets p.k_layout, p.v_layout.
+template <typename Params>
+void check_query_pools(Params& p, const at::Tensor& query, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache);
+// fill_query_pool_fields: the pointers, head counts, query strides, the block table's row stride
+// (block_tables: int32 [rows, max_blocks]), scale and softcap (<= 0 -> 0, off); after
+// check_query_pools and every other check.
+template <typename Params>
+void fill_query_pool_fields(Params& p, const at::Tensor& query, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            double scale, double softcap);
+
 // key, value: [num_tokens, num_kv_heads, head_dim] (any strides but head_dim's); slot_mapping: int64
 // [num_tokens]. Everything on one device; key/value/caches of one dtype.
 ReshapeAndCacheParams make_reshape_and_cache_params(const at::Tensor& key, const at::Tensor& value,

@@ -1,4 +1,5 @@
-// Attention inputs and the long double reference shared by decode_emu.cpp and prefill_emu.cpp.
+// Attention inputs, the long double reference and the case runner shared by decode_emu.cpp and
+// prefill_emu.cpp (backward_emu.cpp reuses the inputs).
 // Paged K/V lives in one interleaved [num_blocks, 2, block_size, kv_heads, head_dim] buffer behind
 // a shuffled block table; every slot no sequence owns, and the block that pads each table row,
 // hold NaN, as does the output before the kernel runs, so a read or write off the map shows.
@@ -10,6 +11,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -46,6 +48,15 @@ struct AttnCase {
     return s;
   }
 };
+
+// head_dim, query / kv heads, (q_len, k_len) per sequence, paged or contiguous, block size.
+inline AttnCase attn_case(int d, int h, int kh, std::vector<std::pair<int, int>> seqs, bool paged,
+                          int bs) {
+  AttnCase c;
+  c.head_dim = d, c.num_heads = h, c.num_kv_heads = kh, c.seqs = std::move(seqs);
+  c.paged = paged, c.block_size = bs;
+  return c;
+}
 
 // Host buffers of one case, plus the AttentionProblem pointing into them.
 template <typename T>
@@ -214,5 +225,19 @@ struct AttnData {
     return bad ? std::to_string(bad) + " elements off; worst " + where : "";
   }
 };
+
+// One case of an attention kernel: its inputs, launch(a, std::integral_constant<int, KD>{}) at the
+// head_dim the kernels are built for (64, 128 or 256; smaller ones zero padded), then the check
+// against the reference, tallied as "<kernel> <dtype> <case>".
+template <typename T, typename Launch>
+void run_attn_case(const char* kernel, const AttnCase& c, std::mt19937& rng, Launch&& launch) {
+  AttnData<T> a(c, rng);
+  const int D = c.head_dim;
+  const cudaError_t err = D <= 64    ? launch(a, std::integral_constant<int, 64>{})
+                          : D <= 128 ? launch(a, std::integral_constant<int, 128>{})
+                                     : launch(a, std::integral_constant<int, 256>{});
+  const std::string bad = err != cudaSuccess ? "launch failed" : a.check();
+  tally().record(std::string(kernel) + " " + dtype_name<T>() + " " + c.describe(), bad.empty(), bad);
+}
 
 }  // namespace kvemu

@@ -6,7 +6,6 @@
 // strided q, a sequence with no query, one with no key, rows that see no key.
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -170,18 +169,14 @@ void run_case(const AttnCase& c, std::mt19937& rng) {
 }  // namespace
 
 void run_backward_cases(const std::string& filter) {
-  std::mt19937 rng(1616);
+  CaseList<AttnCase> cases(1616);
   auto C = [](int d, int h, int kh, std::vector<std::pair<int, int>> seqs) {
     AttnCase c;
     c.head_dim = d, c.num_heads = h, c.num_kv_heads = kh, c.seqs = std::move(seqs);
     c.paged = false;
     return c;
   };
-  std::vector<std::pair<std::string, std::function<void()>>> cases;
-  auto add = [&](auto tag, AttnCase c) {
-    using T = decltype(tag);
-    cases.emplace_back(std::string(dtype_name<T>()) + " " + c.describe(), [c, &rng] { run_case<T>(c, rng); });
-  };
+  auto add = [&](auto tag, const AttnCase& c) { cases.add(tag, c, run_case<decltype(tag)>); };
   // Causal prompts past one 32-key tile, a chunk over a prefix (q < k), GQA 2.
   add(__half(), C(64, 4, 2, {{37, 37}, {5, 40}}));
   // Full attention with softcap, d96 in the 128 kernels, a sequence with no query.
@@ -200,9 +195,7 @@ void run_backward_cases(const std::string& filter) {
   add(float(), c);
   // d256: 32 keys x 256 dims in registers per CTA, one full and one partial key tile.
   add(__nv_bfloat16(), C(256, 1, 1, {{9, 40}}));
-  for (auto& [name, run] : cases) {
-    if (filter.empty() || name.find(filter) != std::string::npos) run();
-  }
+  cases.run(filter);
 }
 
 }  // namespace kvemu

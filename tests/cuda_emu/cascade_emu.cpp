@@ -7,7 +7,6 @@
 // merge gets NaN in the out of every state whose lse is -inf (a zero weight must not pass it on).
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <numeric>
 #include <random>
 #include <string>
@@ -296,7 +295,7 @@ void run_case(const CascadeCase& c, std::mt19937& rng) {
 }  // namespace
 
 void run_cascade_cases(const std::string& filter) {
-  std::mt19937 rng(1414);
+  CaseList<CascadeCase> cases(1414);
   using S = CascadeCase::Seq;
   auto C = [](int d, int h, int kh, int bs, std::vector<S> seqs, std::vector<int> prefixes) {
     CascadeCase c;
@@ -304,11 +303,7 @@ void run_cascade_cases(const std::string& filter) {
     c.seqs = std::move(seqs), c.prefix_lens = std::move(prefixes);
     return c;
   };
-  std::vector<std::pair<std::string, std::function<void()>>> cases;
-  auto add = [&](auto tag, CascadeCase c) {
-    using T = decltype(tag);
-    cases.emplace_back(std::string(dtype_name<T>()) + " " + c.describe(), [c, &rng] { run_case<T>(c, rng); });
-  };
+  auto add = [&](auto tag, const CascadeCase& c) { cases.add(tag, c, run_case<decltype(tag)>); };
   // Decode steps of 3 sequences over one 40-key prefix (2.5 blocks) + a loner; GQA 4, 2 KV tiles.
   add(__half(), C(64, 8, 2, 16, {{1, 50, 0}, {1, 41, 0}, {1, 90, 0}, {1, 7, -1}}, {40}));
   // Two groups, chunked prefill rows (several per sequence, rows of a CTA in different groups),
@@ -327,9 +322,7 @@ void run_cascade_cases(const std::string& filter) {
   add(__half(), c);
   // No group rows at all (the prefix launch returns early; the merge passes the suffix through).
   add(__nv_bfloat16(), C(128, 2, 1, 16, {{3, 20, -1}, {0, 0, -1}}, {}));
-  for (auto& [name, run] : cases) {
-    if (filter.empty() || name.find(filter) != std::string::npos) run();
-  }
+  cases.run(filter);
 }
 
 }  // namespace kvemu

@@ -1,7 +1,6 @@
 // Emulated runs of decode_attention_kernel.cuh (the split-KV FMA kernel and its merge) through
 // launch_decode_attention, filled as csrc/ops/*.cu fill it but with the split count forced: f32 /
 // f16 / bf16, head_dim 6..256 (vec and element-wise loads), MHA to GQA 16, paged and contiguous.
-#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -33,13 +32,10 @@ cudaError_t launch(const AttnData<T>& a, std::vector<float>& po, std::vector<flo
 
 template <typename T>
 void run_case(const AttnCase& c, std::mt19937& rng) {
-  AttnData<T> a(c, rng);
   std::vector<float> po, pl;
-  const int D = c.head_dim;
-  const cudaError_t err = D <= 64 ? launch<T, 64>(a, po, pl)
-                          : D <= 128 ? launch<T, 128>(a, po, pl) : launch<T, 256>(a, po, pl);
-  const std::string bad = err != cudaSuccess ? "launch failed" : a.check();
-  tally().record(std::string("decode ") + dtype_name<T>() + " " + c.describe(), bad.empty(), bad);
+  run_attn_case<T>("decode", c, rng, [&](const AttnData<T>& a, auto kd) {
+    return launch<T, decltype(kd)::value>(a, po, pl);
+  });
 }
 
 // KV_PAGED_DEBUG: a block id past the pool must be reported through the error sink (first failing
@@ -65,19 +61,9 @@ void run_sink_case(std::mt19937& rng) {
 }  // namespace
 
 void run_decode_cases(const std::string& filter) {
-  std::mt19937 rng(1515);
-  auto C = [](int d, int h, int kh, std::vector<std::pair<int, int>> seqs, bool paged, int bs) {
-    AttnCase c;
-    c.head_dim = d, c.num_heads = h, c.num_kv_heads = kh, c.seqs = std::move(seqs);
-    c.paged = paged, c.block_size = bs;
-    return c;
-  };
-  std::vector<std::pair<std::string, std::function<void()>>> cases;
-  auto add = [&](auto tag, AttnCase c) {
-    using T = decltype(tag);
-    cases.emplace_back(std::string(dtype_name<T>()) + " " + c.describe(),
-                       [c, &rng] { run_case<T>(c, rng); });
-  };
+  const auto C = attn_case;
+  CaseList<AttnCase> cases(1515);
+  auto add = [&](auto tag, const AttnCase& c) { cases.add(tag, c, run_case<decltype(tag)>); };
   // Decode steps (one query per sequence), incl. an empty-context-free mix of lengths.
   AttnCase c = C(128, 8, 2, {{1, 1}, {1, 37}, {1, 130}}, true, 16);
   add(__half(), c);
@@ -106,13 +92,11 @@ void run_decode_cases(const std::string& filter) {
   c = C(64, 2, 2, {{5, 40}}, false, 16);  // the fp32 fallback of flash_attention
   c.causal = false, c.softcap = 5.f;
   add(float(), c);
-  cases.emplace_back("error sink", [&rng] { run_sink_case(rng); });
+  cases.add("error sink", [&cases] { run_sink_case(cases.rng()); });
   c = C(64, 2, 1, {{1, 40}, {1, 17}}, true, 16);  // block ids past 2^31 elements: 64-bit offsets
   c.huge_pool = true, c.num_splits = 2;
   add(__half(), c);
-  for (auto& [name, run] : cases) {
-    if (filter.empty() || name.find(filter) != std::string::npos) run();
-  }
+  cases.run(filter);
 }
 
 }  // namespace kvemu

@@ -9,8 +9,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "emu_runtime.h"
@@ -70,5 +72,31 @@ void fill_random(std::mt19937& rng, std::vector<T>& v) {
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   for (auto& x : v) x = from_f<T>(u(rng));
 }
+
+// A driver's cases, each named "<dtype> <case.describe()>" and run in the order added where the
+// name contains the filter; every case draws its inputs from one seeded generator, in that order.
+template <typename Case>
+class CaseList {
+ public:
+  explicit CaseList(uint32_t seed) : rng_(seed) {}
+  // run(case, rng) with the element type of tag (float, __half or __nv_bfloat16).
+  template <typename T, typename Run>
+  void add(T /*tag*/, const Case& c, Run run) {
+    add(std::string(dtype_name<T>()) + " " + c.describe(), [this, c, run] { run(c, rng_); });
+  }
+  void add(std::string name, std::function<void()> run) {
+    cases_.emplace_back(std::move(name), std::move(run));
+  }
+  std::mt19937& rng() { return rng_; }
+  void run(const std::string& filter) const {
+    for (auto& [name, run] : cases_) {
+      if (filter.empty() || name.find(filter) != std::string::npos) run();
+    }
+  }
+
+ private:
+  std::mt19937 rng_;
+  std::vector<std::pair<std::string, std::function<void()>>> cases_;
+};
 
 }  // namespace kvemu
