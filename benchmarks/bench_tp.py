@@ -4,6 +4,7 @@ Method: one random-weight Llama (seeded, saved to a temporary directory) and one
 --requests greedy requests (prompts of uniform length in [16, --max-prompt], --max-new tokens each).
 BACKENDS, each launched as fresh processes with torchrun's environment variables:
   one_process   Engine(model) in one process, --threads torch threads
+  one_process_<k>t  the same with k = --threads / N threads: what each rank of tp<N> has
   tp<N>         N ranks, the model sharded by transformers' tensor-parallel plan
                 (DistributedConfig(tp_plan="auto")), Engine on every rank, --threads / N threads each
 Every backend's tokens are compared with one_process's. Reported: generate() wall seconds (median of
@@ -22,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +33,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from cpu_timing import cpu_name  # noqa: E402
 
 
 def build_model(path: str, args) -> None:
@@ -186,9 +188,11 @@ def main() -> None:
             model_dir,
         ]
         args.passthrough = shape
+        per_rank = max(1, args.threads // args.ranks)
         backends = {
             "one_process": (1, args.threads),
-            f"tp{args.ranks}": (args.ranks, max(1, args.threads // args.ranks)),
+            f"one_process_{per_rank}t": (1, per_rank),  # one rank's share of the threads
+            f"tp{args.ranks}": (args.ranks, per_rank),
         }
         results = {
             name: launch(args, n, t, os.path.join(tmp, f"{name}.json"))
@@ -198,7 +202,7 @@ def main() -> None:
     generated = sum(len(t) for t in base["tokens"])
     lines = [
         f"## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        f"{cpu_name()}, {os.cpu_count()} cores",
         "",
         f"torch {torch.__version__}. Command: `python benchmarks/bench_tp.py "
         f"{' '.join(sys.argv[1:])}`. Model: random Llama hidden {args.hidden}, {args.layers} "
