@@ -1,8 +1,10 @@
 // CUDA glue of paged_attention. Routing needs no host sync, only shapes: when total_q == num_seqs
-// (every sequence has one query in the usual decode step; any split of the rows still works) or the
-// dtype is fp32 or rows are not 16-byte aligned, the split-KV kernel (decode_attention_kernel.cuh)
-// runs; otherwise some sequence has a prefill chunk and every row goes to the tensor-core prefill
-// kernel reading K/V through the block table (prefill_attention_kernel.cuh).
+// (the usual decode step, one query per sequence), or the dtype is fp32, or rows are not 16-byte
+// aligned, the split-KV kernel (decode_attention_kernel.cuh) serves every row. Otherwise some
+// sequence has a prefill chunk and both kernels run, each CTA reading its own sequence's q_len on
+// the device: the tensor-core prefill kernel (prefill_attention_kernel.cuh, K/V through the block
+// table) serves sequences with >= 2 queries, the split-KV kernel those with one (a grid of one
+// CTA per sequence and KV head; a CTA of the other kind leaves at once).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,7 +22,12 @@ template <typename T, int kHeadDim>
 cudaError_t run_paged(const AttentionProblem& prob, bool use_prefill, DecodeAttentionParams& dp,
                       cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
-    if (use_prefill) return launch_prefill_attention<T, kHeadDim, true>({prob}, stream);
+    if (use_prefill) {
+      PrefillAttentionParams pp{prob};
+      pp.filter = cuda::SeqFilter::kMultiQuery;
+      const cudaError_t err = launch_prefill_attention<T, kHeadDim, true>(pp, stream);
+      if (err != cudaSuccess) return err;
+    }
   }
   return launch_decode_attention<T, kHeadDim, true>(dp, stream);
 }
@@ -65,10 +72,14 @@ at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cac
   const bool use_prefill = dtype != at::kFloat && dp.vec_ok && params.head_dim % 8 == 0 &&
                            params.total_q != params.num_seqs;
   at::Tensor partial_out, partial_lse;
-  if (!use_prefill) {
+  {
+    // With the prefill kernel beside it, the decode kernel serves the one-query sequences only.
+    dp.filter = use_prefill ? cuda::SeqFilter::kSingleQuery : cuda::SeqFilter::kAll;
     dp.tile_q = decode_tile_q(params.num_heads / params.num_kv_heads);
-    const int64_t live = std::max<int64_t>(params.num_seqs, (params.total_q + dp.tile_q - 1) / dp.tile_q) *
-                         params.num_kv_heads;
+    const int64_t tiles =
+        use_prefill ? params.num_seqs
+                    : std::max<int64_t>(params.num_seqs, (params.total_q + dp.tile_q - 1) / dp.tile_q);
+    const int64_t live = tiles * params.num_kv_heads;
     const int64_t max_k_len = params.max_blocks_per_seq * params.k_layout.block_size;
     dp.num_splits = decode_num_splits(live, max_k_len, sm_count(query.get_device()));
     if (dp.num_splits > 1) {

@@ -18,11 +18,12 @@ void run_decode_cases(const std::string& filter);
 void run_prefill_cases(const std::string& filter);
 void run_cascade_cases(const std::string& filter);
 void run_backward_cases(const std::string& filter);
+void run_routing_cases(const std::string& filter);
 }  // namespace kvemu
 
 int main(int argc, char** argv) {
   kvemu::Options opt;
-  std::string suites = "cache,decode,prefill,cascade,backward", filter;
+  std::string suites = "cache,decode,prefill,cascade,backward,routing", filter;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
@@ -41,7 +42,7 @@ int main(int argc, char** argv) {
       filter = value();
     } else {
       std::fprintf(stderr, "usage: %s [--schedule round-robin|reverse|warp-alone] [--deferred] "
-                   "[--fault F] [--suites cache,decode,prefill,cascade,backward] [--filter S]\n", argv[0]);
+                   "[--fault F] [--suites cache,decode,prefill,cascade,backward,routing] [--filter S]\n", argv[0]);
       return 2;
     }
   }
@@ -51,6 +52,7 @@ int main(int argc, char** argv) {
   if (suites.find("prefill") != std::string::npos) kvemu::run_prefill_cases(filter);
   if (suites.find("cascade") != std::string::npos) kvemu::run_cascade_cases(filter);
   if (suites.find("backward") != std::string::npos) kvemu::run_backward_cases(filter);
+  if (suites.find("routing") != std::string::npos) kvemu::run_routing_cases(filter);
   const kvemu::Tally& t = kvemu::tally();
   std::printf("emulated [%s, %s copies%s%s]: %d passed, %d failed\n",
               kvemu::schedule_name(opt.schedule), opt.deferred_copies ? "deferred" : "immediate",

@@ -97,6 +97,35 @@ inline int64_t num_virtual_tiles(int64_t total_q, int64_t num_seqs, int64_t tile
   return total_q / tile_q + num_seqs;
 }
 
+// Which sequences a kernel serves when paged_attention splits one call between its two kernels
+// without a host sync: each CTA reads its own sequence's q_len and leaves if it is not its kind.
+// kAll: every sequence. kSingleQuery: q_len == 1 (the split-KV decode kernel; its grid then has
+// one virtual tile per sequence). kMultiQuery: q_len >= 2 (the tensor-core prefill kernel).
+enum class SeqFilter : int { kAll = 0, kSingleQuery = 1, kMultiQuery = 2 };
+
+__host__ __device__ __forceinline__ bool serves(SeqFilter f, int q_len) {
+  return f == SeqFilter::kAll || (f == SeqFilter::kSingleQuery) == (q_len == 1);
+}
+
+// The tile of sequence `seq` in a kSingleQuery grid (one virtual tile per sequence): false unless
+// the sequence has exactly one query.
+__device__ __forceinline__ bool single_query_tile(const int32_t* cu_q, int seq, QTile& t) {
+  t.seq = seq;
+  t.q_start = cu_q[seq];
+  t.q_len = cu_q[seq + 1] - t.q_start;
+  t.begin = 0;
+  t.count = 1;
+  return t.q_len == 1;
+}
+
+// Tests only (null in production): served[b] |= bit for each sequence b a kernel computed, written
+// once per sequence by its first CTA (kernels of one call run one after the other on a stream).
+__device__ __forceinline__ void log_served(int32_t* served, const QTile& t, int bit) {
+  if (served != nullptr && t.begin == 0 && threadIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
+    served[t.seq] |= bit;
+  }
+}
+
 // Under KV_PAGED_DEBUG: checks the sequence's metadata once per CTA; false = skip the CTA.
 template <bool kPaged>
 __device__ __forceinline__ bool check_sequence(const AttentionProblem& p, const QTile& t, int k_len) {

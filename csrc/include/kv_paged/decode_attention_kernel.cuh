@@ -5,8 +5,8 @@
 // tiles stream through a 3-stage cp.async ring (16-byte copies, zero-fill past the end); the block
 // table entries of a tile are loaded one tile before its copies are issued. Each split writes an
 // fp32 partial output and log-sum-exp, merged by merge_splits_kernel; with one split the kernel
-// writes `out` directly. Any q_len per sequence works (rows loop in passes of kRows), so the glue
-// needs no host sync to route a batch.
+// writes `out` directly. Any q_len per sequence works (rows loop in passes of kRows); with
+// filter = kSingleQuery it serves only one-query sequences, beside the prefill kernel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,6 +27,10 @@ struct DecodeAttentionParams {
   bool vec_ok = true;    // 16-byte aligned rows: cp.async; else element-wise loads
   float* partial_out = nullptr;  // [num_splits, total_q, num_heads, head_dim] when num_splits > 1
   float* partial_lse = nullptr;  // [num_splits, total_q, num_heads]
+  // kSingleQuery: serve only sequences with one query (the prefill kernel takes the others in the
+  // same call); the grid then has one virtual tile per sequence.
+  cuda::SeqFilter filter = cuda::SeqFilter::kAll;
+  int32_t* served = nullptr;  // tests only: served[b] |= 1 (see log_served)
 };
 
 namespace cuda {
@@ -70,7 +74,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
   __shared__ int row_lo[kDecodeRows], row_hi[kDecodeRows];
 
   QTile qt;
-  if (!find_q_tile(p.cu_seqlens_q, int(p.num_seqs), dp.tile_q, blockIdx.x, qt)) return;
+  if (dp.filter == SeqFilter::kSingleQuery
+          ? !single_query_tile(p.cu_seqlens_q, int(blockIdx.x), qt)
+          : !find_q_tile(p.cu_seqlens_q, int(p.num_seqs), dp.tile_q, blockIdx.x, qt)) {
+    return;
+  }
+  log_served(dp.served, qt, 1);
   const int kv_head = blockIdx.y, split = blockIdx.z;
   const KvRows<kPaged> kv(p, qt.seq, kv_head);
   if (!check_sequence<kPaged>(p, qt, kv.k_len)) return;
@@ -294,7 +303,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
 template <typename T>
 __global__ void __launch_bounds__(128) merge_splits_kernel(const DecodeAttentionParams dp) {
   const AttentionProblem& p = dp.prob;
-  const int64_t q = blockIdx.x, h = blockIdx.y;
+  int64_t q = blockIdx.x;  // the query row; under kSingleQuery, blockIdx.x is the sequence
+  if (dp.filter == SeqFilter::kSingleQuery) {
+    q = p.cu_seqlens_q[blockIdx.x];
+    if (p.cu_seqlens_q[blockIdx.x + 1] - q != 1) return;
+  }
+  const int64_t h = blockIdx.y;
   __shared__ float w[kMaxSplits];
   const int S = dp.num_splits;
   if (threadIdx.x < 32) {
@@ -350,12 +364,14 @@ cudaError_t launch_decode_attention(const DecodeAttentionParams& dp, cudaStream_
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(C::smem_bytes));
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(cuda::num_virtual_tiles(p.total_q, p.num_seqs, dp.tile_q)),
-                  unsigned(p.num_kv_heads), unsigned(dp.num_splits));
+  const bool single = dp.filter == cuda::SeqFilter::kSingleQuery;
+  const int64_t tiles =
+      single ? p.num_seqs : cuda::num_virtual_tiles(p.total_q, p.num_seqs, dp.tile_q);
+  const dim3 grid(unsigned(tiles), unsigned(p.num_kv_heads), unsigned(dp.num_splits));
   KV_PAGED_LAUNCH(kernel, grid, cuda::kDecodeThreads, C::smem_bytes, stream, dp);
   err = cudaGetLastError();
   if (err != cudaSuccess || dp.num_splits == 1) return err;
-  const dim3 merge_grid(unsigned(p.total_q), unsigned(p.num_heads));
+  const dim3 merge_grid(unsigned(single ? p.num_seqs : p.total_q), unsigned(p.num_heads));
   KV_PAGED_LAUNCH(cuda::merge_splits_kernel<T>, merge_grid, 128, 0, stream, dp);
   return cudaGetLastError();
 }

@@ -19,6 +19,10 @@ namespace kv_paged {
 
 struct PrefillAttentionParams {
   AttentionProblem prob;
+  // kMultiQuery: serve only sequences with >= 2 queries (the decode kernel takes the one-query
+  // sequences of the same paged_attention call).
+  cuda::SeqFilter filter = cuda::SeqFilter::kAll;
+  int32_t* served = nullptr;  // tests only: served[b] |= 2 (see log_served)
 };
 
 namespace cuda {
@@ -54,6 +58,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
 
   QTile qt;
   if (!find_q_tile(p.cu_seqlens_q, int(p.num_seqs), kPrefillBlockM, blockIdx.x, qt)) return;
+  if (!serves(pp.filter, qt.q_len)) return;
+  log_served(pp.served, qt, 2);
   const int head = blockIdx.y;
   const int group = int(p.num_heads / p.num_kv_heads);
   const int kv_head = head / group;

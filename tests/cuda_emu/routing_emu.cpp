@@ -1,0 +1,88 @@
+// Emulated runs of paged_attention's mixed-batch routing (csrc/ops/paged_attention.cu): the
+// tensor-core prefill kernel with filter kMultiQuery, then the split-KV decode kernel with filter
+// kSingleQuery (one CTA per sequence and KV head) and its merge, both over the whole batch with no
+// host-side split. Every row must match the reference (out starts NaN: a row no kernel wrote
+// fails), and each kernel's served log must name exactly the sequences of its kind.
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_emu.h"
+#include "kv_paged/decode_attention_kernel.cuh"
+#include "kv_paged/prefill_attention_kernel.cuh"
+
+namespace kvemu {
+namespace {
+
+using kv_paged::cuda::SeqFilter;
+
+// served[b]: 1 = the decode kernel computed sequence b, 2 = the prefill kernel, 0 = neither.
+template <typename T, int KD>
+cudaError_t launch_routed(const AttnData<T>& a, int num_splits, std::vector<int32_t>& served,
+                          std::vector<float>& po, std::vector<float>& pl) {
+  served.assign(a.c.seqs.size(), 0);
+  kv_paged::PrefillAttentionParams pp{a.prob};
+  pp.filter = SeqFilter::kMultiQuery;
+  pp.served = served.data();
+  cudaError_t err = kv_paged::launch_prefill_attention<T, KD, true>(pp, nullptr);
+  if (err != cudaSuccess) return err;
+  kv_paged::DecodeAttentionParams dp;
+  dp.prob = a.prob;
+  dp.vec_ok = kv_paged::cuda::rows_16b_aligned<true>(dp.prob, sizeof(T));
+  dp.tile_q = kv_paged::decode_tile_q(a.c.num_heads / a.c.num_kv_heads);
+  dp.filter = SeqFilter::kSingleQuery;
+  dp.served = served.data();
+  dp.num_splits = num_splits;
+  if (num_splits > 1) {
+    po.assign(size_t(num_splits) * a.total_q * a.c.num_heads * a.c.head_dim, std::nanf(""));
+    pl.assign(size_t(num_splits) * a.total_q * a.c.num_heads, std::nanf(""));
+    dp.partial_out = po.data();
+    dp.partial_lse = pl.data();
+  }
+  return kv_paged::launch_decode_attention<T, KD, true>(dp, nullptr);
+}
+
+template <typename T>
+void run_routed(const AttnCase& c, std::mt19937& rng) {
+  AttnData<T> a(c, rng);
+  std::vector<int32_t> served;
+  std::vector<float> po, pl;
+  const int D = c.head_dim;
+  const cudaError_t err =
+      D <= 64    ? launch_routed<T, 64>(a, c.num_splits, served, po, pl)
+      : D <= 128 ? launch_routed<T, 128>(a, c.num_splits, served, po, pl)
+                 : launch_routed<T, 256>(a, c.num_splits, served, po, pl);
+  std::string bad = err != cudaSuccess ? "launch failed" : a.check();
+  for (size_t b = 0; b < c.seqs.size() && err == cudaSuccess; ++b) {
+    const int q_len = c.seqs[b].first;
+    const int want = q_len == 0 ? 0 : q_len == 1 ? 1 : 2;
+    if (served[b] != want) {
+      bad += (bad.empty() ? "" : "; ") + std::string("sequence ") + std::to_string(b) +
+             " (q_len " + std::to_string(q_len) + ") served by " + std::to_string(served[b]) +
+             ", want " + std::to_string(want);
+    }
+  }
+  tally().record("routing " + std::string(dtype_name<T>()) + " " + c.describe(), bad.empty(), bad);
+}
+
+}  // namespace
+
+void run_routing_cases(const std::string& filter) {
+  const auto C = attn_case;
+  CaseList<AttnCase> cases(4242);
+  auto add = [&](auto tag, const AttnCase& c) { cases.add(tag, c, run_routed<decltype(tag)>); };
+  // Decode rows between prefill chunks (and an empty sequence): each kernel takes its own kind.
+  add(__half(), C(64, 4, 2, {{1, 30}, {9, 40}, {1, 1}, {0, 12}, {70, 70}, {1, 57}}, true, 16));
+  AttnCase c = C(128, 8, 2, {{5, 5}, {1, 90}, {1, 33}, {17, 60}}, true, 8);
+  c.num_splits = 3;  // decode rows through split-KV + the filtered merge
+  add(__nv_bfloat16(), c);
+  c = C(256, 2, 1, {{1, 20}, {2, 45}}, true, 16);  // d256, a two-query "prefill"
+  c.window = 16, c.softcap = 30.f;
+  add(__half(), c);
+  c = C(96, 4, 4, {{33, 80}, {1, 14}}, true, 4);  // d96 padded into the 128 kernels, MHA
+  c.num_splits = 2;
+  add(__nv_bfloat16(), c);
+  cases.run(filter);
+}
+
+}  // namespace kvemu
