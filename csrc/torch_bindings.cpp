@@ -23,10 +23,12 @@ TORCH_LIBRARY(kv_paged, m) {
   // query: [total_q, num_heads, head_dim] packed varlen; cu_seqlens_q: int32 [B + 1];
   // seq_lens_kv: int32 [B] (kv length including the new tokens); block_tables: int32 [B, max_blocks].
   // Sequence i's queries are its last q_len_i positions (bottom-right causal alignment).
+  // max_seqlen_kv: max(seq_lens_kv) when the caller knows it on the host (-1: unknown); the CUDA
+  // decode kernel sizes its KV split count from it instead of block_tables.size(1) * block_size.
   m.def(
       "paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor cu_seqlens_q, Tensor seq_lens_kv, float scale, bool causal, int sliding_window, "
-      "float softcap) -> Tensor");
+      "float softcap, int max_seqlen_kv=-1) -> Tensor");
   // q: [total_q, num_heads, head_dim], k/v: [total_k, num_kv_heads, head_dim] packed varlen;
   // cu_seqlens_q / cu_seqlens_k: int32 [B + 1]. Tiled online softmax: memory O(N), not O(N^2).
   m.def(

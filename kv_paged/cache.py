@@ -296,6 +296,7 @@ class KVCachePool:
             causal=True,
             sliding_window=params.sliding_window,
             softcap=params.softcap,
+            max_seqlen_kv=meta.max_seqlen_kv,
         )
 
     def copy_blocks(self, block_mapping: torch.Tensor) -> None:

@@ -73,6 +73,7 @@ def paged_attention(
     causal: bool = True,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    max_seqlen_kv: int | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries against the paged KV cache: decode rows (one query per sequence)
     and chunked-prefill rows (many) mixed in one call.
@@ -87,6 +88,10 @@ def paged_attention(
     Sequence i's q_len_i queries are its last q_len_i kv positions (bottom-right causal alignment);
     q_len_i may be 0; q_len_i > seq_lens_kv[i] is an error. causal=False lets every query see all
     seq_lens_kv[i] keys (the sliding window still bounds from the left).
+    max_seqlen_kv: max(seq_lens_kv) if the caller knows it on the host (AttentionMetadata does):
+    the CUDA decode kernel sizes its KV splits from it instead of block_tables' width. Checked
+    against seq_lens_kv on CPU; on CUDA a value below the truth is not detected (that would need a
+    sync) and only costs parallelism, never correctness.
     """
     return _ops.paged_attention(
         query,
@@ -99,6 +104,7 @@ def paged_attention(
         causal,
         _window(sliding_window),
         _softcap(softcap),
+        -1 if max_seqlen_kv is None else int(max_seqlen_kv),
     )
 
 
@@ -332,6 +338,7 @@ def _paged_attention_fake(
     causal,
     sliding_window,
     softcap,
+    max_seqlen_kv=-1,
 ) -> torch.Tensor:
     torch._check(query.dim() == 3, lambda: "query: expected [total_q, num_heads, head_dim]")
     _check_same_device(

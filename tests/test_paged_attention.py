@@ -339,3 +339,25 @@ def test_compile_reshape_and_cache_then_paged_attention(gen):
     torch.testing.assert_close(out, eager)
     assert torch.equal(k_comp.nan_to_num(7.0), k_eager.nan_to_num(7.0))
     assert torch.equal(v_comp.nan_to_num(7.0), v_eager.nan_to_num(7.0))
+
+
+def test_max_seqlen_kv_hint(gen):
+    """max_seqlen_kv (the host's max(seq_lens_kv), a split-count hint for the CUDA decode kernel)
+    leaves the output unchanged when it is the truth or above it, and is refused by name when it is
+    negative or, on CPU where the lengths are at hand, below the longest sequence."""
+    batch = make_paged_batch([10, 9, 33], [1, 6, 1], 4, 2, 16, 4, torch.float32, "cpu", gen)
+    args = (
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.cu_seqlens_q,
+        batch.seq_lens_kv,
+    )
+    plain = ops.paged_attention(*args)
+    for hint in (33, 40, None):
+        assert torch.equal(ops.paged_attention(*args, max_seqlen_kv=hint), plain)
+    with pytest.raises(RuntimeError, match="max_seqlen_kv = 32 is below the longest seq_lens_kv"):
+        ops.paged_attention(*args, max_seqlen_kv=32)
+    with pytest.raises(RuntimeError, match="max_seqlen_kv must be -1"):
+        ops.paged_attention(*args, max_seqlen_kv=-2)

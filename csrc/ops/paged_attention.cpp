@@ -15,13 +15,15 @@ namespace {
 at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& block_tables,
                                const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv,
-                               double scale, bool causal, int64_t sliding_window, double softcap) {
+                               double scale, bool causal, int64_t sliding_window, double softcap,
+                               int64_t max_seqlen_kv) {
   TORCH_CHECK(query.is_cpu(), "query: expected a CPU tensor, got ", query.device());
   at::Tensor out = at::empty(query.sizes(), query.options());
   const PagedAttentionParams p =
       make_paged_attention_params(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv,
                                   scale, causal, sliding_window, softcap, out);
   check_paged_attention_values(p, block_tables, cu_seqlens_q, seq_lens_kv);
+  check_max_seqlen_kv(max_seqlen_kv, &seq_lens_kv);  // here the lengths are on the host: checked
   if (p.total_q == 0) return out;
   AT_DISPATCH_SWITCH(query.scalar_type(), "paged_attention",
                      AT_DISPATCH_CASE(at::kFloat, [&] { cpu::paged_attention<scalar_t>(p); })

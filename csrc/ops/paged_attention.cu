@@ -48,7 +48,8 @@ cudaError_t run_paged_head_dim(const AttentionProblem& prob, bool use_prefill,
 at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
                                 const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv,
-                                double scale, bool causal, int64_t sliding_window, double softcap) {
+                                double scale, bool causal, int64_t sliding_window, double softcap,
+                                int64_t max_seqlen_kv) {
   at::Tensor out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
   const PagedAttentionParams params =
       make_paged_attention_params(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv,
@@ -59,6 +60,7 @@ at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cac
     TORCH_CHECK(t->device() == query.device(), "paged_attention: block_tables, cu_seqlens_q and "
                 "seq_lens_kv must be on ", query.device(), ", got ", t->device());
   }
+  check_max_seqlen_kv(max_seqlen_kv, nullptr);  // the lengths stay on the device: not compared
   if (params.total_q == 0 || params.num_seqs == 0) return out;
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -80,7 +82,11 @@ at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cac
         use_prefill ? params.num_seqs
                     : std::max<int64_t>(params.num_seqs, (params.total_q + dp.tile_q - 1) / dp.tile_q);
     const int64_t live = tiles * params.num_kv_heads;
-    const int64_t max_k_len = params.max_blocks_per_seq * params.k_layout.block_size;
+    // The longest KV the splits must cover: the caller's max_seqlen_kv when given (a smaller
+    // value than the truth only costs parallelism: each split takes its share of the sequence's
+    // real length), else what the block tables can hold.
+    int64_t max_k_len = params.max_blocks_per_seq * params.k_layout.block_size;
+    if (max_seqlen_kv >= 0) max_k_len = std::min(max_k_len, max_seqlen_kv);
     dp.num_splits = decode_num_splits(live, max_k_len, sm_count(query.get_device()));
     if (dp.num_splits > 1) {
       const auto f32 = query.options().dtype(at::kFloat);

@@ -369,6 +369,15 @@ void check_slot_mapping_values(const at::Tensor& slot_mapping, int64_t num_slots
   }
 }
 
+void check_max_seqlen_kv(int64_t max_seqlen_kv, const at::Tensor* seq_lens_kv) {
+  TORCH_CHECK(max_seqlen_kv >= -1, "paged_attention: max_seqlen_kv must be -1 (unknown) or >= 0, got ",
+              max_seqlen_kv);
+  if (max_seqlen_kv < 0 || seq_lens_kv == nullptr || seq_lens_kv->numel() == 0) return;
+  const int64_t longest = host_copy(*seq_lens_kv).max().item<int64_t>();
+  TORCH_CHECK(max_seqlen_kv >= longest, "paged_attention: max_seqlen_kv = ", max_seqlen_kv,
+              " is below the longest seq_lens_kv entry (", longest, ")");
+}
+
 void check_paged_attention_values(const PagedAttentionParams& p, const at::Tensor& block_tables,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv) {
   const at::Tensor cu_host = host_copy(cu_seqlens_q);

@@ -75,6 +75,10 @@ void check_swap_blocks_args(const at::Tensor& src, const at::Tensor& dst,
 
 // Value checks: raise naming the argument. They read CUDA tensors through a host copy.
 void check_slot_mapping_values(const at::Tensor& slot_mapping, int64_t num_slots);
+// max_seqlen_kv (paged_attention's hint): -1, or >= 0; with seq_lens_kv given (CPU), >= every
+// length. Raises naming the argument.
+void check_max_seqlen_kv(int64_t max_seqlen_kv, const at::Tensor* seq_lens_kv);
+
 void check_paged_attention_values(const PagedAttentionParams& p, const at::Tensor& block_tables,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv);
 void check_flash_attention_values(const FlashAttentionParams& p, const at::Tensor& cu_seqlens_q,
