@@ -125,6 +125,22 @@ def test_decode_batch(heads, head_dim, block_size, dtype, device, gen):
     run_and_check(batch, dtype, sliding_window=6, softcap=2.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(7, 1), (10, 2), (5, 5), (16, 4)])
+@pytest.mark.parametrize("head_dim", [12, 40, 100])
+def test_cpu_core_paths(heads, head_dim, dtype, gen):
+    """The CPU core's two tile paths: tiles every row sees whole run through register blocks of 4,
+    2 and 1 rows (GQA groups of 7, 5, 4 and 1 leave each remainder) and 1-4 keys (lengths leave
+    every tail); head_dim 12 and 100 (not whole 8-float vectors) and the causal edge tiles of the
+    prefill chunks run row by row. Decode-only and mixed batches both (they group heads
+    differently)."""
+    seq_lens_kv = [1, 37, 66, 131, 5, 64, 3]
+    for q_lens in ([1, 1, 1, 1, 1, 1, 1], [1, 9, 1, 40, 5, 1, 2]):
+        batch = make_paged_batch(seq_lens_kv, q_lens, *heads, head_dim, 16, dtype, "cpu", gen)
+        run_and_check(batch, dtype)
+        run_and_check(batch, dtype, softcap=4.0, sliding_window=50)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_long_context_many_tiles(device, gen):
     batch = make_paged_batch([1000, 517], [1, 70], 8, 2, 64, 16, torch.float32, device, gen)

@@ -2,8 +2,11 @@
 // query heads of one GQA group, for one or more query tokens) against one KV head, walked in kv
 // tiles with an online softmax (running max m, running sum l, fp32 accumulator), so each K/V row is
 // read once per group and the score matrix never exceeds [rows, tile]. The caller says where the
-// K/V rows of a tile live (a block table lookup or a contiguous offset) through `fetch`. Compiled
-// once per instruction set, in namespace KV_PAGED_CPU_ISA (see vec.h).
+// K/V rows of a tile live (a block table lookup or a contiguous offset) through `fetch`. A tile
+// that every row sees whole (all of a decode step's, a prefill's interior ones) runs through the
+// register blocks of attention_blocks.h; a tile cut by a row's causal or window edge runs row by
+// row with per-position visibility checks. Compiled once per instruction set, in namespace
+// KV_PAGED_CPU_ISA (see vec.h).
 #pragma once
 
 #include <algorithm>
@@ -13,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/attention_blocks.h"
 #include "cpu/vec.h"
 
 namespace kv_paged::cpu::KV_PAGED_CPU_ISA {
@@ -40,14 +44,14 @@ struct AttentionScratch {
   std::vector<float> acc;     // [rows, head_dim] fp32 output accumulator
   std::vector<float> scores;  // [rows, tile] logits, then probabilities
   std::vector<float> m, l;    // [rows] running max and sum
-  std::vector<float> row;     // [head_dim] one K or V row converted to fp32 (stays in L1)
+  std::vector<float> row;     // [4, head_dim] up to 4 K or V rows converted to fp32 (in L1)
   std::vector<RowSpan> spans;     // [rows]
   std::vector<int64_t> row_lo, row_hi;  // [rows] the part of the current tile each row sees
 
   AttentionScratch(int64_t max_rows, int64_t tile_, int64_t head_dim_, int64_t heads_ = 1)
       : head_dim(head_dim_), tile(tile_), heads(heads_), q(max_rows * head_dim_),
         acc(max_rows * head_dim_), scores(max_rows * tile_), m(max_rows), l(max_rows),
-        row(head_dim_), spans(max_rows), row_lo(max_rows), row_hi(max_rows) {}
+        row(4 * head_dim_), spans(max_rows), row_lo(max_rows), row_hi(max_rows) {}
 };
 
 // Asks for the cache lines of `bytes` bytes ahead of use.
@@ -83,6 +87,54 @@ inline bool sees4(const AttentionScratch& s, int64_t r, int64_t j) {
     if (j < s.row_lo[i] || j >= s.row_hi[i]) return false;
   }
   return true;
+}
+
+// Whether every row sees exactly the keys [jb, j1) of the current tile: then the tile runs through
+// the register blocks of attention_blocks.h with no per-row visibility checks.
+inline bool sees_whole_tile(const AttentionScratch& s, int64_t rows, int64_t jb, int64_t j1) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (s.row_lo[r] != jb || s.row_hi[r] != j1) return false;
+  }
+  return true;
+}
+
+// Logits of keys [jb, j1) (tile starting at j0) for every row, in memory order of K four keys at
+// a time (keys, then heads), each K row converted once for the rows of its head.
+template <typename T>
+void whole_tile_logits(AttentionScratch& s, int64_t rows_per_head, int64_t j0, int64_t jb,
+                       int64_t j1, const T* const* k_src, int64_t k_head_stride) {
+  const int64_t D = s.head_dim, tile = s.tile;
+  for (int64_t j = jb; j < j1; j += 4) {
+    const int64_t nj = std::min<int64_t>(4, j1 - j);
+    for (int64_t hh = 0; hh < s.heads; ++hh) {
+      decltype(as_operand(k_src[0], s.row.data(), D)) k[4];
+      for (int64_t i = 0; i < nj; ++i) {
+        k[i] = as_operand(k_src[j - j0 + i] + hh * k_head_stride, s.row.data() + i * D, D);
+      }
+      const int64_t r0 = hh * rows_per_head;
+      logits_rows(s.q.data() + r0 * D, rows_per_head, k, nj, D,
+                  s.scores.data() + r0 * tile + (j - j0), tile);
+    }
+  }
+}
+
+// acc += P @ V over keys [jb, j1) for every row, in memory order of V four keys at a time.
+template <typename T>
+void whole_tile_values(AttentionScratch& s, int64_t rows_per_head, int64_t j0, int64_t jb,
+                       int64_t j1, const T* const* v_src, int64_t v_head_stride) {
+  const int64_t D = s.head_dim, tile = s.tile;
+  for (int64_t j = jb; j < j1; j += 4) {
+    const int64_t nj = std::min<int64_t>(4, j1 - j);
+    for (int64_t hh = 0; hh < s.heads; ++hh) {
+      decltype(as_operand(v_src[0], s.row.data(), D)) v[4];
+      for (int64_t i = 0; i < nj; ++i) {
+        v[i] = as_operand(v_src[j - j0 + i] + hh * v_head_stride, s.row.data() + i * D, D);
+      }
+      const int64_t r0 = hh * rows_per_head;
+      values_rows(s.acc.data() + r0 * D, rows_per_head, s.scores.data() + r0 * tile + (j - j0),
+                  tile, v, nj, D);
+    }
+  }
 }
 
 // Attends scratch rows [0, s.heads * rows_per_head) (q and spans filled) and leaves the normalised
@@ -139,8 +191,17 @@ void attend_rows(AttentionScratch& s, int64_t rows_per_head, float softcap, int6
       s.row_lo[r] = std::max(s.spans[r].lo, j0);
       s.row_hi[r] = std::min(s.spans[r].hi, j1);
     }
+    // A tile every row sees whole goes through the register blocks; others row by row.
+    const bool whole = blocked_width(D) && sees_whole_tile(s, rows, jb, j1);
     // Logits in memory order of K.
-    for (int64_t j = jb; j < j1; ++j) {
+    if (whole) {
+      whole_tile_logits<T>(s, rows_per_head, j0, jb, j1, k_src.data(), k_head_stride);
+      for (int64_t r = 0; softcap > 0 && r < rows; ++r) {
+        float* sc = s.scores.data() + r * tile;
+        for (int64_t j = jb - j0; j < j1 - j0; ++j) sc[j] = softcap * std::tanh(sc[j] * inv_cap);
+      }
+    }
+    for (int64_t j = whole ? j1 : jb; j < j1; ++j) {
       for (int64_t hh = 0; hh < HG; ++hh) {
         decltype(as_operand(k_src[0], row_buf, D)) k = nullptr;
         const int64_t r_end = (hh + 1) * rows_per_head;
@@ -184,7 +245,8 @@ void attend_rows(AttentionScratch& s, int64_t rows_per_head, float softcap, int6
       if (alpha != 1.f) scale_row(s.acc.data() + r * D, alpha, D);
     }
     // P @ V in memory order of V.
-    for (int64_t j = jb; j < j1; ++j) {
+    if (whole) whole_tile_values<T>(s, rows_per_head, j0, jb, j1, v_src.data(), v_head_stride);
+    for (int64_t j = whole ? j1 : jb; j < j1; ++j) {
       for (int64_t hh = 0; hh < HG; ++hh) {
         decltype(as_operand(v_src[0], row_buf, D)) v = nullptr;
         const int64_t r_end = (hh + 1) * rows_per_head;

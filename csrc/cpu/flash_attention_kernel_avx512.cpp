@@ -19,8 +19,9 @@
 #include <vector>
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
-// GCC 12 false positive inside _mm512_reduce_add_ps (its undefined pass-through operand).
+// GCC 12 false positives inside _mm512_reduce_add_ps (its undefined pass-through operand).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #define KV_PAGED_CPU_AVX512 1  // the pragma does not define __AVX512F__ (vec.h reads this)
 #define KV_PAGED_CPU_ISA avx512
 #include "cpu/flash_attention_impl.h"
