@@ -42,6 +42,7 @@ from cpu_timing import cpu_name, time_cpu  # noqa: E402
 
 import kv_paged  # noqa: E402
 from kv_paged import ops  # noqa: E402
+from kv_paged.host_memory import full_on_huge_pages  # noqa: E402
 
 CPU_SHAPES = [  # (batch, context, q heads, kv heads)
     (16, 512, 32, 8),
@@ -74,9 +75,11 @@ class Work:
         """The same K/V as [B, KVH, L, D] contiguous tensors."""
         B, L = self.batch, self.context
         idx = self.block_tables.long()
-        k = self.k_cache[idx].reshape(B, L, *self.k_cache.shape[2:]).transpose(1, 2).contiguous()
-        v = self.v_cache[idx].reshape(B, L, *self.v_cache.shape[2:]).transpose(1, 2).contiguous()
-        return k, v
+        out = []
+        for cache in (self.k_cache, self.v_cache):
+            dense = cache[idx].reshape(B, L, *cache.shape[2:]).transpose(1, 2)
+            out.append(host_tensor(dense.shape, cache.dtype, cache.device).copy_(dense))
+        return out[0], out[1]
 
     def kv_bytes(self) -> int:
         return (
@@ -89,12 +92,21 @@ class Work:
         )
 
 
+def host_tensor(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised tensor; on the CPU on transparent huge pages where the system allows, so
+    every backend (and the copy roof) reads memory mapped the same way as kv_paged's pools."""
+    return full_on_huge_pages(tuple(shape), 0.0, dtype=dtype, device=torch.device(device))
+
+
 def make_work(batch, context, heads, kv_heads, head_dim, block_size, dtype, device, gen) -> Work:
     blocks_per_seq = context // block_size
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(device)
-    v_cache = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(device)
+    # CPU pools on huge pages, as KVCachePool allocates them (kv_paged/host_memory.py).
+    k_cache = host_tensor(shape, dtype, device)
+    v_cache = host_tensor(shape, dtype, device)
+    k_cache.copy_(torch.randn(shape, generator=gen, dtype=torch.float32))
+    v_cache.copy_(torch.randn(shape, generator=gen, dtype=torch.float32))
     perm = torch.randperm(num_blocks, generator=gen, dtype=torch.int32)
     return Work(
         query=torch.randn(batch, heads, head_dim, generator=gen).to(dtype).to(device),
@@ -190,10 +202,17 @@ def time_cuda(fn, warmup: int, iters: int, flush: torch.Tensor) -> float:
 def copy_bandwidth_cpu(warmup: int, iters: int) -> float:
     """Bytes read + written per second by a 1 GiB host copy on torch's threads (far beyond any
     cache, so this is the memory system's throughput for a streaming read + write)."""
-    src = torch.ones(1 << 28, dtype=torch.float32)
-    dst = torch.empty_like(src)
+    src = host_tensor((1 << 28,), torch.float32, "cpu").fill_(1.0)
+    dst = host_tensor((1 << 28,), torch.float32, "cpu")
     seconds = time_cpu(lambda: dst.copy_(src), warmup, max(iters, 5))
     return 2 * src.numel() * src.element_size() / seconds
+
+
+def matmul_peak_cpu(warmup: int, iters: int) -> float:
+    """fp32 FLOP/s of a 2048^3 torch.mm on torch's threads: the machine's practical FMA roof."""
+    a = torch.randn(2048, 2048)
+    b = torch.randn(2048, 2048)
+    return 2 * 2048**3 / time_cpu(lambda: torch.mm(a, b), warmup, max(iters, 5))
 
 
 def copy_bandwidth_cuda(flush: torch.Tensor, warmup: int, iters: int) -> float:
@@ -244,7 +263,9 @@ def main() -> None:
     copy_all: list[float] = []  # cpu: one figure per shape
 
     lines = []
-    header = f"| dtype | batch | context | heads q/kv | {' | '.join(f'{n} tok/s (GB/s)' for n in backends)} | kv_paged x {list(backends)[1]} | max diff |"
+    peak = matmul_peak_cpu(args.warmup, iters) if dev == "cpu" else None
+    roof_col = " | roof: bound, kv_paged % of it" if peak else ""
+    header = f"| dtype | batch | context | heads q/kv | {' | '.join(f'{n} tok/s (GB/s)' for n in backends)} | kv_paged x {list(backends)[1]}{roof_col} | max diff |"
     lines.append(header)
     lines.append("|" + "---|" * (header.count("|") - 1))
     for dtype in dtypes:
@@ -283,9 +304,17 @@ def main() -> None:
                 cells.append(f"{batch / s:,.0f} ({gbs:.1f}{pct})")
             names = list(fns)
             ratio = secs[names[1]] / secs[names[0]]
+            roof = ""
+            if peak:
+                # The faster of two floors: moving the bytes at copy bandwidth, or the FLOPs (QK^T
+                # and PV: 4 per query head, key and head_dim element) at the matmul peak.
+                flops = 4 * batch * heads * context * args.head_dim
+                t_copy, t_fma = moved / copy_bw, flops / peak
+                bound = "copy" if t_copy >= t_fma else "FMA"
+                roof = f" | {bound} {100 * max(t_copy, t_fma) / secs[names[0]]:.0f}%"
             line = (
                 f"| {str(dtype)[6:]} | {batch} | {context} | {heads}/{kv_heads} | {' | '.join(cells)} | "
-                f"{ratio:.2f}x | {max(diffs):.1e} |"
+                f"{ratio:.2f}x{roof} | {max(diffs):.1e} |"
             )
             lines.append(line)
             print(line, flush=True)
@@ -305,7 +334,10 @@ def main() -> None:
             f"{max(copy_all, default=0) / 1e9:.1f} GB/s across shapes (read + write, "
             f"{torch.get_num_threads()} threads; each row's % uses the figure measured before it)"
         )
-        info += f"; kv_paged CPU kernels: {kv_paged._C.cpu_isa()}"
+        info += (
+            f"; measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3 torch.mm); "
+            f"kv_paged CPU kernels: {kv_paged._C.cpu_isa()}"
+        )
     text = info + "\n\n" + "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -16,6 +16,7 @@ import torch
 
 from kv_paged import ops
 from kv_paged.cascade import CascadePlan, cascade_attention, plan_cascade
+from kv_paged.host_memory import full_on_huge_pages
 
 __all__ = ["AttentionMetadata", "AttentionParams", "KVCachePool", "blocks_needed"]
 
@@ -187,7 +188,8 @@ class KVCachePool:
     """The K/V block pools of every layer plus the attention over them.
 
     k_caches[l], v_caches[l]: [num_blocks, block_size, num_kv_heads, head_dim] (head counts and
-    head_dim may differ per layer). Pools start as NaN so a read of an unwritten slot is loud.
+    head_dim may differ per layer). Pools start as NaN so a read of an unwritten slot is loud; on
+    the CPU they sit on transparent huge pages where the system allows (host_memory.py).
     """
 
     def __init__(
@@ -220,8 +222,10 @@ class KVCachePool:
         self.v_caches: list[torch.Tensor] = []
         for h, d in zip(heads, dims):
             shape = (num_blocks, block_size, h, d)
-            self.k_caches.append(torch.full(shape, float("nan"), dtype=dtype, device=self.device))
-            self.v_caches.append(torch.full(shape, float("nan"), dtype=dtype, device=self.device))
+            for caches in (self.k_caches, self.v_caches):
+                caches.append(
+                    full_on_huge_pages(shape, float("nan"), dtype=dtype, device=self.device)
+                )
 
     @property
     def nbytes(self) -> int:

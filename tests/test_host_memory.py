@@ -1,0 +1,82 @@
+"""host_memory: CPU KV pools on transparent huge pages where the system allows, ordinary tensors
+elsewhere, the same values either way."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+
+import pytest
+import torch
+
+from kv_paged.cache import KVCachePool
+from kv_paged.host_memory import HUGE_PAGE, advise_huge_pages, full_on_huge_pages
+
+THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _thp_mode() -> str | None:
+    """The bracketed THP mode ("always", "madvise", "never"), None without THP."""
+    if not sys.platform.startswith("linux") or not THP_MODE.exists():
+        return None
+    m = re.search(r"\[(\w+)\]", THP_MODE.read_text())
+    return m[1] if m else None
+
+
+def _huge_bytes(t: torch.Tensor) -> int:
+    """Bytes of t's storage backed by huge pages, from /proc/self/smaps (AnonHugePages of every
+    mapping overlapping it; advising splits the allocation's mapping in three)."""
+    lo = t.untyped_storage().data_ptr()
+    hi = lo + t.untyped_storage().nbytes()
+    total, overlaps = 0, False
+    for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m:
+            overlaps = int(m[1], 16) < hi and int(m[2], 16) > lo
+        elif overlaps and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+needs_thp = pytest.mark.skipif(
+    _thp_mode() not in ("always", "madvise"),
+    reason=f"transparent huge pages unavailable here (mode {_thp_mode()})",
+)
+
+
+@needs_thp
+def test_pool_on_huge_pages():
+    pool = KVCachePool(
+        num_layers=2,
+        num_blocks=256,
+        block_size=16,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    for t in pool.k_caches + pool.v_caches:
+        nbytes = t.untyped_storage().nbytes()  # 16 MiB: at least 7 whole aligned huge pages
+        assert _huge_bytes(t) >= nbytes - 2 * HUGE_PAGE, "pool not on huge pages"
+        assert torch.isnan(t).all()
+
+
+@needs_thp
+def test_full_on_huge_pages_values():
+    t = full_on_huge_pages((3, 5 << 20), 2.5, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert t.shape == (3, 5 << 20) and t.dtype == torch.bfloat16
+    assert (t == 2.5).all()
+    assert _huge_bytes(t) >= t.untyped_storage().nbytes() - 2 * HUGE_PAGE
+
+
+def test_small_tensor_left_alone():
+    t = torch.zeros(1000)
+    assert advise_huge_pages(t) is False  # smaller than two huge pages: nothing to ask for
+    t = full_on_huge_pages((7, 3), float("nan"), dtype=torch.float16, device=torch.device("cpu"))
+    assert t.shape == (7, 3) and t.dtype == torch.float16 and torch.isnan(t).all()
+
+
+def test_meta_device_is_plain_full():
+    t = full_on_huge_pages((4 << 20,), 1.0, dtype=torch.float32, device=torch.device("meta"))
+    assert t.device.type == "meta" and t.shape == (4 << 20,)
