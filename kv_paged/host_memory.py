@@ -8,7 +8,9 @@ is advised MADV_HUGEPAGE before its pages are first touched (or later, by khugep
 system's THP mode is "madvise" or "always". torch's CPU allocator does that itself only under
 THP_MEM_ALLOC_ENABLE=1, for every allocation; here only the pools ask.
 
-Elsewhere (not Linux, THP "never", a libc without madvise) the tensor is an ordinary one.
+Elsewhere (not Linux, THP "never", a libc without madvise) the tensor is an ordinary one. An
+allocation below glibc's mmap threshold (dynamic, at most 32 MiB) may reuse heap pages the process
+already touched; those stay 4 KiB until khugepaged collapses them (pools that size fit the TLB).
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ needs_thp = pytest.mark.skipif(
 def test_pool_on_huge_pages():
     pool = KVCachePool(
         num_layers=2,
-        num_blocks=256,
+        num_blocks=640,  # 40 MiB per pool: above glibc's largest mmap threshold (32 MiB), so
+        # fresh pages however much this process allocated and freed before (smaller allocations
+        # can reuse heap pages already touched, left to khugepaged)
         block_size=16,
         num_kv_heads=8,
         head_dim=128,
@@ -57,15 +59,15 @@ def test_pool_on_huge_pages():
         device="cpu",
     )
     for t in pool.k_caches + pool.v_caches:
-        nbytes = t.untyped_storage().nbytes()  # 16 MiB: at least 7 whole aligned huge pages
+        nbytes = t.untyped_storage().nbytes()
         assert _huge_bytes(t) >= nbytes - 2 * HUGE_PAGE, "pool not on huge pages"
         assert torch.isnan(t).all()
 
 
 @needs_thp
 def test_full_on_huge_pages_values():
-    t = full_on_huge_pages((3, 5 << 20), 2.5, dtype=torch.bfloat16, device=torch.device("cpu"))
-    assert t.shape == (3, 5 << 20) and t.dtype == torch.bfloat16
+    t = full_on_huge_pages((3, 7 << 20), 2.5, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert t.shape == (3, 7 << 20) and t.dtype == torch.bfloat16  # 42 MiB
     assert (t == 2.5).all()
     assert _huge_bytes(t) >= t.untyped_storage().nbytes() - 2 * HUGE_PAGE
 

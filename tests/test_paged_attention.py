@@ -129,11 +129,11 @@ def test_decode_batch(heads, head_dim, block_size, dtype, device, gen):
 @pytest.mark.parametrize("heads", [(7, 1), (10, 2), (5, 5), (16, 4)])
 @pytest.mark.parametrize("head_dim", [12, 40, 100])
 def test_cpu_core_paths(heads, head_dim, dtype, gen):
-    """The CPU core's two tile paths: tiles every row sees whole run through register blocks of 4,
-    2 and 1 rows (GQA groups of 7, 5, 4 and 1 leave each remainder) and 1-4 keys (lengths leave
-    every tail); head_dim 12 and 100 (not whole 8-float vectors) and the causal edge tiles of the
-    prefill chunks run row by row. Decode-only and mixed batches both (they group heads
-    differently)."""
+    """The CPU core's three tile paths: decode tiles every row sees whole run through register
+    blocks of 4, 2 and 1 rows (GQA groups of 7, 5, 4 and 1 leave each remainder) and 1-4 keys
+    (lengths leave every tail); head_dim 12 and 100 (not whole 8-float vectors) and tiles cut by a
+    window edge run row by row; prefill chunks (>= 16 rows per head) run as GEMMs, causal and
+    window edges zeroed in P. Decode-only and mixed batches both (they group heads differently)."""
     seq_lens_kv = [1, 37, 66, 131, 5, 64, 3]
     for q_lens in ([1, 1, 1, 1, 1, 1, 1], [1, 9, 1, 40, 5, 1, 2]):
         batch = make_paged_batch(seq_lens_kv, q_lens, *heads, head_dim, 16, dtype, "cpu", gen)

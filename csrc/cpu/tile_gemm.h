@@ -1,6 +1,6 @@
-// One fp32 tile product for the CPU flash-attention backward: C[M, N] += A[M, K] * B[K, N], with A
-// read through (row, k) strides so the same routine serves S = Q K^T (B = K^T), dV += P^T dO (A = P
-// read transposed) and dQ += dS K. Register blocks of 4 rows x 16 columns (8 AVX2 accumulators) keep
+// One fp32 tile product for the CPU flash attention (the forward's many-row tiles and the backward):
+// C[M, N] += A[M, K] * B[K, N], with A read through (row, k) strides so the same routine serves
+// S = Q K^T (B = K^T), dV += P^T dO (A = P read transposed) and dQ += dS K. Register blocks of 4 rows x 16 columns (8 AVX2 accumulators) keep
 // each loaded B vector in use four times; tails fall back to narrower blocks and scalars.
 #pragma once
 
@@ -8,8 +8,10 @@
 
 #include "cpu/vec.h"
 
-namespace kv_paged::cpu {
-using namespace KV_PAGED_CPU_ISA;  // vec.h's helpers (the build baseline's copy)
+// In the per-ISA namespace like vec.h: the attention core (compiled once per instruction set) uses
+// these too, and one inline function compiled for two targets under one name would let the linker
+// hand either copy to every caller.
+namespace kv_paged::cpu::KV_PAGED_CPU_ISA {
 
 // C[m * ldc + n] += sum_k A[m * a_m + k * a_k] * B[k * ldb + n] for m < M, n < N, k < K.
 inline void gemm_acc(float* C, int64_t ldc, const float* A, int64_t a_m, int64_t a_k,
@@ -77,4 +79,4 @@ inline void transpose_tile(const float* src, int64_t rows, int64_t D, float* dst
   }
 }
 
-}  // namespace kv_paged::cpu
+}  // namespace kv_paged::cpu::KV_PAGED_CPU_ISA
