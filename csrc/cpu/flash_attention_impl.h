@@ -1,7 +1,8 @@
 // CPU flash attention over packed varlen q/k/v (prefill without a cache): the FlashAttention
 // algorithm on the CPU. Work item = (query tile of one sequence, kv head) with all query heads of
-// the GQA group; kv is walked in tiles of kKvTile with an online softmax, so per-thread memory is
-// O(tile * head_dim) and the [q_len, k_len] score matrix never exists. Causal alignment is
+// the GQA group, heaviest first on a shared queue (work_queue.h); kv is walked in tiles of kKvTile
+// with an online softmax, so per-thread memory is O(tile * head_dim) and the [q_len, k_len] score
+// matrix never exists. Causal alignment is
 // bottom-right: query i of a sequence sits at kv position k_len - q_len + i (FlashAttention 2).
 // With p.lse set it also writes each row's log-sum-exp, which the backward needs. The kernel body,
 // included by the per-ISA files flash_attention_kernel*.cpp.
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "cpu/attention_core.h"
+#include "cpu/work_queue.h"
 #include "kv_paged/params.h"
 
 namespace kv_paged::cpu::KV_PAGED_CPU_ISA {
@@ -45,10 +47,19 @@ void flash_attention(const FlashAttentionParams& p) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
-  const int64_t num_items = static_cast<int64_t>(tiles.size()) * KVH;
-  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
-    AttentionScratch s(tokens_per_item * G, kKvTile, D);
-    for (int64_t item = begin; item < end; ++item) {
+  // Cost of an item ~ its rows x the keys its last row sees; heaviest first (work_queue.h).
+  std::vector<int64_t> cost(tiles.size() * KVH);
+  for (size_t i = 0; i < cost.size(); ++i) {
+    const QueryTile& c = tiles[i / KVH];
+    const int64_t q_len = p.cu_seqlens_q[c.seq + 1] - p.cu_seqlens_q[c.seq];
+    const int64_t k_len = p.cu_seqlens_k[c.seq + 1] - p.cu_seqlens_k[c.seq];
+    const RowSpan last = visible_span(k_len - q_len + c.first + c.count - 1, k_len, p.causal,
+                                      p.sliding_window);
+    cost[i] = c.count * std::max<int64_t>(last.hi - last.lo, 1);
+  }
+  run_items(
+      heaviest_first(cost), [&] { return AttentionScratch(tokens_per_item * G, kKvTile, D); },
+      [&](AttentionScratch& s, int64_t item) {
       const QueryTile& c = tiles[item / KVH];
       const int64_t h = item % KVH;
       const int64_t q_start = p.cu_seqlens_q[c.seq];
@@ -86,7 +97,6 @@ void flash_attention(const FlashAttentionParams& p) {
                     out + token * p.out_stride_token + (h * G + g) * p.out_stride_head, D);
         }
       }
-    }
   });
 }
 

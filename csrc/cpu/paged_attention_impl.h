@@ -1,8 +1,8 @@
 // CPU paged attention: decode rows and chunked-prefill rows of many sequences in one call.
 // Work item = (query chunk of one sequence, group of kv heads): all query heads of each GQA group
-// share every K/V row read through the block table; items run under at::parallel_for. Decode
-// calls put several kv heads in an item so a block is read as one stream; tiles are whole blocks
-// walked with an online softmax (fp32 accumulation).
+// share every K/V row read through the block table; items run heaviest first on a shared queue
+// (work_queue.h). Decode calls put several kv heads in an item so a block is read as one stream;
+// tiles are whole blocks walked with an online softmax (fp32 accumulation).
 // The kernel body, included by the per-ISA files paged_attention_kernel*.cpp.
 #pragma once
 
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/attention_core.h"
+#include "cpu/work_queue.h"
 #include "kv_paged/params.h"
 
 namespace kv_paged::cpu::KV_PAGED_CPU_ISA {
@@ -65,10 +66,19 @@ void paged_attention(const PagedAttentionParams& p) {
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
   T* out = static_cast<T*>(p.out);
-  const int64_t num_items = static_cast<int64_t>(chunks.size()) * groups;
-  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
-    AttentionScratch s(tokens_per_item * G * HG, tile, D, HG);
-    for (int64_t item = begin; item < end; ++item) {
+  // Cost of an item ~ its rows x the keys its last row sees; heaviest first (work_queue.h).
+  std::vector<int64_t> cost(chunks.size() * groups);
+  for (size_t i = 0; i < cost.size(); ++i) {
+    const QueryChunk& c = chunks[i / groups];
+    const int64_t q_len = p.cu_seqlens_q[c.seq + 1] - p.cu_seqlens_q[c.seq];
+    const int64_t kv_len = p.seq_lens_kv[c.seq];
+    const RowSpan last = visible_span(kv_len - q_len + c.first + c.count - 1, kv_len, p.causal,
+                                      p.sliding_window);
+    cost[i] = c.count * std::max<int64_t>(last.hi - last.lo, 1);
+  }
+  run_items(
+      heaviest_first(cost), [&] { return AttentionScratch(tokens_per_item * G * HG, tile, D, HG); },
+      [&](AttentionScratch& s, int64_t item) {
       const QueryChunk& c = chunks[item / groups];
       const int64_t h0 = (item % groups) * HG;  // first kv head of the item
       const int64_t kv_len = p.seq_lens_kv[c.seq];
@@ -110,7 +120,6 @@ void paged_attention(const PagedAttentionParams& p) {
           }
         }
       }
-    }
   });
 }
 
