@@ -16,6 +16,7 @@
 #include "cpu/attention_core.h"
 #include "cpu/kernels.h"
 #include "cpu/tile_gemm.h"
+#include "cpu/work_queue.h"
 
 namespace kv_paged::cpu {
 // The kernels of this file run on the build baseline (AVX2): vec.h / attention_core.h helpers live
@@ -83,9 +84,16 @@ void flash_attention_backward(const FlashAttentionParams& p) {
   });
 
   const float inv_cap = p.softcap > 0 ? 1.f / p.softcap : 0.f;
-  at::parallel_for(0, p.num_seqs * KVH * splits, 1, [&](int64_t begin, int64_t end) {
-    BackwardScratch s(D);
-    for (int64_t item = begin; item < end; ++item) {
+  // Items (sequence, kv head, split) heaviest first on a shared queue (work_queue.h): a varlen
+  // batch's long sequences start first instead of landing together on one thread's range.
+  std::vector<int64_t> cost(p.num_seqs * KVH * splits);
+  for (size_t i = 0; i < cost.size(); ++i) {
+    const int64_t b = static_cast<int64_t>(i) / (splits * KVH);
+    cost[i] = int64_t{p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b]} *
+              (p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b]);
+  }
+  run_items(heaviest_first(cost), [&] { return BackwardScratch(D); },
+            [&](BackwardScratch& s, int64_t item) {
       const int64_t split = item % splits, h = (item / splits) % KVH, b = item / (splits * KVH);
       const int64_t q_start = p.cu_seqlens_q[b], q_len = p.cu_seqlens_q[b + 1] - q_start;
       const int64_t k_start = p.cu_seqlens_k[b], k_len = p.cu_seqlens_k[b + 1] - k_start;
@@ -176,7 +184,6 @@ void flash_attention_backward(const FlashAttentionParams& p) {
           store_row(s.dv.data() + j * D, dv + off, D);
         }
       }
-    }
   });
 
   // dQ = scale * sum over splits; dq has out's strides.
