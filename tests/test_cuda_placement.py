@@ -2,7 +2,8 @@
 without a CUDA device, so not yet run on one): pools and query views with the strides the CPU grid
 gives them, built on the device itself (`.to(device)` would make them contiguous, so the kernels'
 strided paths would never run on a GPU), inputs produced on a non-default stream the op must
-follow, and a second GPU (cuda:1) with a mixed-device call refused by name.
+follow, a second GPU (cuda:1) with a mixed-device call refused by name, and split counts varied
+independently of the GPU's SM count.
 """
 
 from __future__ import annotations
@@ -92,3 +93,15 @@ def test_second_device(gen):
     args["k_cache"] = args["k_cache"].to("cuda:0")
     with pytest.raises(RuntimeError, match="k_cache: expected a tensor on cuda:1"):
         ops.paged_attention(**args)
+
+
+def test_split_count_does_not_change_the_answer(gen):
+    """The decode kernel's split count follows the GPU's SM count and max_seqlen_kv; varying the
+    hint (1: one split; the exact longest; the block table's width) varies it on any GPU, and
+    every count must agree with the reference (a 3000-key sequence next to 1-key ones)."""
+    seq_lens = [3000, 1, 17, 0, 900]
+    batch = make_paged_batch(seq_lens, [1, 1, 1, 0, 1], 8, 2, 128, 16, torch.bfloat16, "cpu", gen)
+    args = batch_on(batch, "cuda")
+    outs = [ops.paged_attention(**args, max_seqlen_kv=m) for m in (1, max(seq_lens), -1)]
+    for out in outs:
+        check(out, batch)
