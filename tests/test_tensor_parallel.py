@@ -4,7 +4,8 @@ tests/distributed/tp_check.py (the script torchrun runs; same environment variab
 timeout. Their reports: the Engine's outputs on 2 ranks equal one process's (greedy, seeded
 sampling with n = 2 forks, prefix caching, beam search, chunked prefill, preemption, the step API)
 and eager generate; each rank's pool is half the single-process one; PagedCache under
-model.generate; planted failures surface on the other rank, named, within seconds.
+model.generate; planted failures (an exception, a death, a KeyboardInterrupt) surface on the other
+rank, named, within seconds.
 """
 
 from __future__ import annotations
@@ -180,6 +181,29 @@ def test_a_failed_rank_is_named_on_the_others(model_dirs, tmp_path, scenario, vi
         assert "the Engine is closed (its tensor-parallel group broke" in after, after
     if scenario == "worker-dies":
         assert codes[victim] == 3
+
+
+@pytest.mark.parametrize("scenario, victim", [("worker-interrupted", 1), ("driver-interrupted", 0)])
+def test_an_interrupted_rank_raises_it_and_releases_the_others(
+    model_dirs, tmp_path, scenario, victim
+):
+    """A KeyboardInterrupt (a BaseException, not an Exception) mid-generate on one rank: that rank
+    raises it as is, with its Engine closed and nothing held; the other rank fails promptly, naming
+    the interrupted rank."""
+    out = tmp_path / "report.json"
+    reports, codes = launch(model_dirs[1:], out, scenario=scenario)
+    assert codes == {0: 0, 1: 0}, f"exit codes {codes}\n{logs(out)}"
+    mine = _ended(reports[victim], victim)
+    assert mine["ended"].startswith("KeyboardInterrupt"), mine
+    assert mine["closed"] and mine["requests"] == 0 and mine["blocks_in_use"] == 0, mine
+    after = reports[victim][f"rank{victim}_after"]["detail"]
+    assert "the Engine is closed (its tensor-parallel group broke" in after, after
+    other = 1 - victim
+    theirs = _ended(reports[other], other)
+    assert theirs["ended"].startswith("RuntimeError"), theirs
+    assert f"rank {victim}: KeyboardInterrupt" in theirs["ended"], theirs
+    assert theirs["closed"] and theirs["requests"] == 0 and theirs["blocks_in_use"] == 0, theirs
+    assert theirs["seconds"] < 30, theirs  # released promptly, not at a timeout
 
 
 def test_kv_heads_a_degree_does_not_divide_are_refused():
