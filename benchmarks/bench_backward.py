@@ -18,15 +18,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cpu_timing
+from cpu_timing import cpu_name, time_cpu  # noqa: E402
 
 
 def make_backends():
@@ -86,17 +85,6 @@ def check_agreement(backends, D, dtype) -> float:
             raise SystemExit(f"{name} disagrees with sdpa_math at head_dim {D}: max diff {err:.3g}")
         worst = max(worst, err)
     return worst
-
-
-def time_ms(fn, args, warmup, repeats) -> float:
-    for _ in range(warmup):
-        fwd_bwd(fn, *args)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fwd_bwd(fn, *args)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _rss_kib(field: str) -> int:
@@ -179,12 +167,7 @@ def main() -> None:
     backends = make_backends()
     lines = []
     command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     import kv_paged
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -207,7 +190,7 @@ def main() -> None:
             for name, fn in backends.items():
                 if name == "sdpa_math" and N > args.math_max_seq:
                     continue
-                ms[name] = time_ms(fn, inputs, args.warmup, args.repeats)
+                ms[name] = time_cpu(lambda: fwd_bwd(fn, *inputs), args.warmup, args.repeats) * 1e3
             speed = lambda other: f"{ms[other] / ms['kv_paged']:.2f}x" if other in ms else "-"  # noqa: E731
             cell = lambda name: f"{ms[name]:.1f}" if name in ms else "-"  # noqa: E731
             row = (

@@ -11,11 +11,11 @@ plus all decode steps (so nothing is evicted mid-run).
 2. Decode step: on the allocated state, one step = append one token to every sequence (slot
    mapping tensor) + block tables tensor [B, max_blocks] + seq_lens tensor [B] — the per-step
    metadata a paged-attention forward needs. --warmup untimed steps, then --steps timed steps
-   (time.perf_counter per step); median and p90 per step. kv_paged runs both the three batched
-   calls and the single decode_step call (the latter also allocating from int64 tensor prompts,
-   which C++ reads without per-element conversion); the Python-to-C++ call overhead of the pybind11
-   class is measured separately (a method doing no work: has_seq of an int) to show what a call
-   costs before it does anything.
+   (time.perf_counter per step, benchmarks/cpu_timing.py); median and p90 per step. kv_paged runs
+   both the three batched calls and the single decode_step call (the latter also allocating from
+   int64 tensor prompts, which C++ reads without per-element conversion); the Python-to-C++ call
+   overhead of the pybind11 class is measured separately (a method doing no work: has_seq of an
+   int) to show what a call costs before it does anything.
 Agreement is checked before any figure is reported: every backend must produce identical block
 tables after allocation, identical cached-token counts, and identical (slot_mapping,
 block_tables, seq_lens) at the first, second and last decode step.
@@ -30,12 +30,12 @@ import platform
 import random
 import statistics
 import sys
-import time
 
 import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # this folder (the baseline) and the repo root
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # this folder (baseline, timing) and the repo root
+from cpu_timing import cpu_name, time_cpu, time_runs  # noqa: E402
 from python_block_manager import PyBlockManager  # noqa: E402
 
 import kv_paged  # noqa: E402
@@ -78,41 +78,35 @@ BACKENDS = {
 }
 
 
-def run_allocate(factory, num_blocks, block_size, prompts):
-    bm = factory(num_blocks, block_size)
-    cached = []
-    t0 = time.perf_counter()
-    for sid, prompt in enumerate(prompts):
-        cached.append(bm.allocate(sid, prompt))
-        bm.mark_computed([sid], [len(prompt)])
-    return time.perf_counter() - t0, bm, cached
-
-
 def run_backend(name, args, prompts, decode_tokens, num_blocks):
     factory, step_fn, as_tensors = BACKENDS[name]
     if as_tensors:  # as a tokenizer returning tensors would hand them over; not timed
         prompts = [torch.tensor(p, dtype=torch.int64) for p in prompts]
-    alloc_times = []
-    for _ in range(args.alloc_reps):
-        dt, bm, cached = run_allocate(factory, num_blocks, args.block_size, prompts)
-        alloc_times.append(dt)
+    allocated = {}
+
+    def allocate(bm):  # on a fresh manager each run (made untimed)
+        cached = []
+        for sid, prompt in enumerate(prompts):
+            cached.append(bm.allocate(sid, prompt))
+            bm.mark_computed([sid], [len(prompt)])
+        allocated["bm"], allocated["cached"] = bm, cached
+
+    alloc_times = time_runs(
+        allocate, 0, args.alloc_reps, setup=lambda: factory(num_blocks, args.block_size)
+    )
+    bm, cached = allocated["bm"], allocated["cached"]
     tables = [bm.block_table(s) for s in range(len(prompts))]
     ids = list(range(len(prompts)))
-    checks, step_times = {}, []
+    outs, tokens = [], iter(decode_tokens)
+    step_times = time_runs(
+        lambda: outs.append(step_fn(bm, ids, next(tokens))), args.warmup, args.steps
+    )
     last = args.warmup + args.steps - 1
-    for step, tokens in enumerate(decode_tokens):
-        t0 = time.perf_counter()
-        out = step_fn(bm, ids, tokens)
-        dt = time.perf_counter() - t0
-        if step >= args.warmup:
-            step_times.append(dt)
-        if step in (0, 1, last):
-            checks[step] = out
     return {
         "alloc_s": statistics.median(alloc_times),
         "cached": cached,
         "tables": tables,
-        "checks": checks,
+        "checks": {step: outs[step] for step in (0, 1, last)},
         "step_us": [t * 1e6 for t in step_times],
     }
 
@@ -122,27 +116,17 @@ def call_overhead_us(reps: int = 200_000) -> float:
     nothing: the loop's own cost is included, so this overstates the binding's overhead a little."""
     bm = kv_paged.BlockManager(16, 16, True)
     has_seq = bm.has_seq
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
+
+    def loop():
         for _ in range(reps):
             has_seq(7)
-        times.append((time.perf_counter() - t0) / reps * 1e6)
-    return statistics.median(times)
+
+    return time_cpu(loop, 0, 5) / reps * 1e6
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores visible, load average {load:.1f} at start"
+    return f"{cpu_name()}, {os.cpu_count()} cores visible, load average {load:.1f} at start"
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 Method: one random-weight Llama (seeded, saved to a temporary directory) and one fixed set of
 --requests greedy requests (prompts of uniform length in [16, --max-prompt], --max-new tokens each).
-BACKENDS, each launched as fresh processes with torchrun's environment variables:
+BACKENDS, each launched as fresh processes with torchrun's environment variables
+(tools/local_ranks.py):
   one_process   Engine(model) in one process, --threads torch threads
   one_process_<k>t  the same with k = --threads / N threads: what each rank of tp<N> has
   tp<N>         N ranks, the model sharded by transformers' tensor-parallel plan
@@ -24,7 +25,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +34,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, os.path.join(REPO, "tools"))
 from cpu_timing import cpu_name  # noqa: E402
+from local_ranks import start_ranks  # noqa: E402
 
 
 def build_model(path: str, args) -> None:
@@ -102,7 +104,6 @@ def rank_main(args) -> None:
 
 
 def launch(args, nproc: int, threads: int, result: str) -> dict:
-    port = 29500 + os.getpid() % 1000
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -113,19 +114,8 @@ def launch(args, nproc: int, threads: int, result: str) -> dict:
         str(threads),
         *args.passthrough,
     ]
-    procs = []
-    for rank in range(nproc):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS=str(threads),
-        )
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env))
-    codes = [p.wait(timeout=3600) for p in procs]
+    with start_ranks(cmd, nproc, threads=threads, cwd=REPO, store_timeout_s=3600) as procs:
+        codes = [p.wait(timeout=3600) for p in procs]
     if any(codes):
         raise SystemExit(f"backend with {nproc} ranks failed: exit codes {codes}")
     with open(result) as f:

@@ -377,3 +377,23 @@ def test_max_seqlen_kv_hint(gen):
         ops.paged_attention(*args, max_seqlen_kv=32)
     with pytest.raises(RuntimeError, match="max_seqlen_kv must be -1"):
         ops.paged_attention(*args, max_seqlen_kv=-2)
+
+
+def test_max_seqlen_kv_check_reads_the_lengths_once(gen):
+    """The CPU op compares max_seqlen_kv with seq_lens_kv inside its one pass over the host's index
+    values: no second read of seq_lens_kv (a max() reduction and an item(): on CUDA, a host sync
+    per layer)."""
+    batch = make_paged_batch([10, 9, 33], [1, 6, 1], 4, 2, 16, 4, torch.float32, "cpu", gen)
+    args = (
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.cu_seqlens_q,
+        batch.seq_lens_kv,
+    )
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.paged_attention(*args, max_seqlen_kv=33)
+    names = {e.name for e in prof.events()}
+    assert "kv_paged::paged_attention" in names, sorted(names)  # the profiler sees inside the op
+    assert not names & {"aten::max", "aten::item", "aten::_local_scalar_dense"}, sorted(names)

@@ -4,15 +4,13 @@ tests/distributed/tp_check.py (the script torchrun runs; same environment variab
 timeout. Their reports: the Engine's outputs on 2 ranks equal one process's (greedy, seeded
 sampling with n = 2 forks, prefix caching, beam search, chunked prefill, preemption, the step API)
 and eager generate; each rank's pool is half the single-process one; PagedCache under
-model.generate; planted failures surface on the other rank, named, within seconds.
+model.generate; planted failures (an exception, a death, a KeyboardInterrupt) surface on the other
+rank, named, within seconds.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,11 +25,14 @@ import torch.distributed as dist  # noqa: E402
 
 from kv_paged.integrations import hf  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+from local_ranks import start_ranks  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo"
 )
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "distributed" / "tp_check.py"
 LAUNCH_TIMEOUT_S = 300
 # Two shapes whose KV heads divide by 2: 4 KV heads (as many as query heads), and GQA with 2.
@@ -87,58 +88,24 @@ def save_tiny_llama(path: Path, heads: int, kv_heads: int, seed: int = 0) -> Non
     model.save_pretrained(path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(models: list[Path], out: Path, scenario: str | None = None, nproc: int = 2, extra=()):
     """Runs tp_check.py on nproc ranks (torchrun's environment variables); returns
     ({rank: report}, {rank: exit code}). Fails the test if the ranks outlive LAUNCH_TIMEOUT_S."""
-    port = free_port()
-    # The store lives here, as torchrun's agent hosts it: a rank's failure report outlives it.
-    store = dist.TCPStore(
-        "127.0.0.1",
-        port,
-        nproc,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=LAUNCH_TIMEOUT_S),
-    )
     cmd = [sys.executable, str(SCRIPT), "--models", *map(str, models), "--out", str(out)]
     if scenario:
         cmd += ["--scenario", scenario]
     cmd += list(extra)
-    procs = []
-    for rank in range(nproc):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(nproc),
-            LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            TORCHELASTIC_USE_AGENT_STORE="True",
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        )
-        log = open(out.parent / f"{out.name}.log{rank}", "w")
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    log_paths = [out.parent / f"{out.name}.log{rank}" for rank in range(nproc)]
     codes = {}
-    try:
-        for rank, p in enumerate(procs):
-            codes[rank] = p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"tp_check.py ranks still running after {LAUNCH_TIMEOUT_S} s: {logs(out)}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        del store
+    with start_ranks(
+        cmd, nproc, threads=1, cwd=REPO, store_timeout_s=LAUNCH_TIMEOUT_S, logs=log_paths
+    ) as procs:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        try:
+            for rank, p in enumerate(procs):
+                codes[rank] = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"tp_check.py ranks still running after {LAUNCH_TIMEOUT_S} s: {logs(out)}")
     reports = {}
     for rank in range(nproc):
         path = out if rank == 0 else Path(f"{out}.rank{rank}")
@@ -214,6 +181,29 @@ def test_a_failed_rank_is_named_on_the_others(model_dirs, tmp_path, scenario, vi
         assert "the Engine is closed (its tensor-parallel group broke" in after, after
     if scenario == "worker-dies":
         assert codes[victim] == 3
+
+
+@pytest.mark.parametrize("scenario, victim", [("worker-interrupted", 1), ("driver-interrupted", 0)])
+def test_an_interrupted_rank_raises_it_and_releases_the_others(
+    model_dirs, tmp_path, scenario, victim
+):
+    """A KeyboardInterrupt (a BaseException, not an Exception) mid-generate on one rank: that rank
+    raises it as is, with its Engine closed and nothing held; the other rank fails promptly, naming
+    the interrupted rank."""
+    out = tmp_path / "report.json"
+    reports, codes = launch(model_dirs[1:], out, scenario=scenario)
+    assert codes == {0: 0, 1: 0}, f"exit codes {codes}\n{logs(out)}"
+    mine = _ended(reports[victim], victim)
+    assert mine["ended"].startswith("KeyboardInterrupt"), mine
+    assert mine["closed"] and mine["requests"] == 0 and mine["blocks_in_use"] == 0, mine
+    after = reports[victim][f"rank{victim}_after"]["detail"]
+    assert "the Engine is closed (its tensor-parallel group broke" in after, after
+    other = 1 - victim
+    theirs = _ended(reports[other], other)
+    assert theirs["ended"].startswith("RuntimeError"), theirs
+    assert f"rank {victim}: KeyboardInterrupt" in theirs["ended"], theirs
+    assert theirs["closed"] and theirs["requests"] == 0 and theirs["blocks_in_use"] == 0, theirs
+    assert theirs["seconds"] < 30, theirs  # released promptly, not at a timeout
 
 
 def test_kv_heads_a_degree_does_not_divide_are_refused():

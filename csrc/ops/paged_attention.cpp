@@ -22,8 +22,8 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& k_cach
   const PagedAttentionParams p =
       make_paged_attention_params(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_kv,
                                   scale, causal, sliding_window, softcap, out);
-  check_paged_attention_values(p, block_tables, cu_seqlens_q, seq_lens_kv);
-  check_max_seqlen_kv(max_seqlen_kv, &seq_lens_kv);  // here the lengths are on the host: checked
+  check_max_seqlen_kv(max_seqlen_kv);
+  check_paged_attention_values(p, block_tables, cu_seqlens_q, seq_lens_kv, max_seqlen_kv);
   if (p.total_q == 0) return out;
   AT_DISPATCH_SWITCH(query.scalar_type(), "paged_attention",
                      AT_DISPATCH_CASE(at::kFloat, [&] { cpu::paged_attention<scalar_t>(p); })

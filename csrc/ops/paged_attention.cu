@@ -60,7 +60,7 @@ at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cac
     TORCH_CHECK(t->device() == query.device(), "paged_attention: block_tables, cu_seqlens_q and "
                 "seq_lens_kv must be on ", query.device(), ", got ", t->device());
   }
-  check_max_seqlen_kv(max_seqlen_kv, nullptr);  // the lengths stay on the device: not compared
+  check_max_seqlen_kv(max_seqlen_kv);  // the lengths stay on the device: not compared
   if (params.total_q == 0 || params.num_seqs == 0) return out;
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

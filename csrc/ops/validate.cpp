@@ -2,6 +2,7 @@
 // user can tell which tensor to fix; value checks read index tensors once, on the host.
 #include "ops/validate.h"
 
+#include <algorithm>
 #include <cmath>
 #include <unordered_set>
 
@@ -369,17 +370,14 @@ void check_slot_mapping_values(const at::Tensor& slot_mapping, int64_t num_slots
   }
 }
 
-void check_max_seqlen_kv(int64_t max_seqlen_kv, const at::Tensor* seq_lens_kv) {
+void check_max_seqlen_kv(int64_t max_seqlen_kv) {
   TORCH_CHECK(max_seqlen_kv >= -1, "paged_attention: max_seqlen_kv must be -1 (unknown) or >= 0, got ",
               max_seqlen_kv);
-  if (max_seqlen_kv < 0 || seq_lens_kv == nullptr || seq_lens_kv->numel() == 0) return;
-  const int64_t longest = host_copy(*seq_lens_kv).max().item<int64_t>();
-  TORCH_CHECK(max_seqlen_kv >= longest, "paged_attention: max_seqlen_kv = ", max_seqlen_kv,
-              " is below the longest seq_lens_kv entry (", longest, ")");
 }
 
 void check_paged_attention_values(const PagedAttentionParams& p, const at::Tensor& block_tables,
-                                  const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv) {
+                                  const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv,
+                                  int64_t max_seqlen_kv) {
   const at::Tensor cu_host = host_copy(cu_seqlens_q);
   const at::Tensor lens_host = host_copy(seq_lens_kv);
   const at::Tensor bt_host = host_copy(block_tables);
@@ -389,9 +387,11 @@ void check_paged_attention_values(const PagedAttentionParams& p, const at::Tenso
   const int64_t bt_stride = bt_host.size(1);
   check_cu_seqlens_values(cu, p.num_seqs, p.total_q, "cu_seqlens_q", "query.size(0)");
   const int64_t bs = p.k_layout.block_size;
+  int64_t longest = 0;
   for (int64_t b = 0; b < p.num_seqs; ++b) {
     const int64_t len = lens[b];
     TORCH_CHECK(len >= 0, "seq_lens_kv[", b, "] = ", len, " must be >= 0");
+    longest = std::max(longest, len);
     TORCH_CHECK(len <= p.max_blocks_per_seq * bs, "seq_lens_kv[", b, "] = ", len,
                 " exceeds the block table's capacity (", p.max_blocks_per_seq,
                 " blocks of block_size ", bs, " = ", p.max_blocks_per_seq * bs, " tokens)");
@@ -406,6 +406,8 @@ void check_paged_attention_values(const PagedAttentionParams& p, const at::Tenso
                   block, " is out of range [0, ", p.k_layout.num_blocks, ") (k_cache num_blocks)");
     }
   }
+  TORCH_CHECK(max_seqlen_kv < 0 || max_seqlen_kv >= longest, "paged_attention: max_seqlen_kv = ",
+              max_seqlen_kv, " is below the longest seq_lens_kv entry (", longest, ")");
 }
 
 void check_flash_attention_values(const FlashAttentionParams& p, const at::Tensor& cu_seqlens_q,

@@ -75,12 +75,15 @@ void check_swap_blocks_args(const at::Tensor& src, const at::Tensor& dst,
 
 // Value checks: raise naming the argument. They read CUDA tensors through a host copy.
 void check_slot_mapping_values(const at::Tensor& slot_mapping, int64_t num_slots);
-// max_seqlen_kv (paged_attention's hint): -1, or >= 0; with seq_lens_kv given (CPU), >= every
-// length. Raises naming the argument.
-void check_max_seqlen_kv(int64_t max_seqlen_kv, const at::Tensor* seq_lens_kv);
+// max_seqlen_kv (paged_attention's hint): -1 (unknown) or >= 0. No tensor read: the CUDA glue's
+// only check of it (comparing it with seq_lens_kv there would need a host sync).
+void check_max_seqlen_kv(int64_t max_seqlen_kv);
 
+// Every index value, in one host copy of each index tensor; max_seqlen_kv, when not -1, must be
+// >= every seq_lens_kv entry (checked in the same pass over the lengths).
 void check_paged_attention_values(const PagedAttentionParams& p, const at::Tensor& block_tables,
-                                  const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv);
+                                  const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv,
+                                  int64_t max_seqlen_kv = -1);
 void check_flash_attention_values(const FlashAttentionParams& p, const at::Tensor& cu_seqlens_q,
                                   const at::Tensor& cu_seqlens_k);
 // Every src in [0, src_num_blocks), every dst in [0, dst_num_blocks), destinations distinct and,

@@ -25,10 +25,10 @@ from kv_paged.engine.inputs import encode_prompt, prompt_list, why_impossible
 from kv_paged.engine.metrics import EngineMetrics, progress_bar
 from kv_paged.engine.model_runner import ModelRunner, default_kv_memory, kv_bytes_per_block
 from kv_paged.engine.outputs import OutputProcessor, RequestOutput
-from kv_paged.engine.request import Request, ScheduledBatch, SeqStatus
+from kv_paged.engine.request import Request, SeqStatus
 from kv_paged.engine.sampling import SamplingParams
-from kv_paged.engine.scheduler import Scheduler, StepOutcome
-from kv_paged.engine.step import StepPlan, StepResult, run_step
+from kv_paged.engine.scheduler import Scheduler
+from kv_paged.engine.step import StepPlan, run_step
 from kv_paged.engine.tensor_parallel import TensorParallelGroup
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
@@ -330,7 +330,14 @@ class Engine:
                         self._close_local()  # the group is out of step: this engine is done
                     raise
                 outcome = self.scheduler.postprocess(batch, result)
-                self._record_step(batch, result, outcome)
+                self._metrics.record_step(
+                    batch,
+                    result,
+                    outcome,
+                    self.block_manager.stats(),
+                    self.scheduler.running,
+                    self.max_model_len,
+                )
                 if outcome.failure is not None:  # this step's outputs go out with the next step
                     self._pending_outputs.extend(r for r in outcome.touched if r.finished)
                     raise outcome.failure
@@ -484,35 +491,10 @@ class Engine:
     def reset_metrics(self) -> None:
         """Starts a new metrics run (generate() does this itself)."""
         stats = self.block_manager.stats()  # the one home of the prefix-cache counters
-        self._prefix_base = (stats["prefix_queried_tokens"], stats["prefix_hit_tokens"])
         self._metrics = EngineMetrics(
             num_blocks=self.num_blocks,
             block_size=self.block_size,
             bytes_per_block=self.bytes_per_block,
             start=time.perf_counter(),
-        )
-
-    def _record_step(self, batch: ScheduledBatch, result: StepResult, outcome: StepOutcome) -> None:
-        """The step's metrics, and one point of the memory timeline."""
-        m = self._metrics
-        m.steps += 1
-        stats = self.block_manager.stats()
-        m.prefix_queried_tokens = stats["prefix_queried_tokens"] - self._prefix_base[0]
-        m.prefix_hit_tokens = stats["prefix_hit_tokens"] - self._prefix_base[1]
-        m.prefill_tokens += batch.num_prefill_tokens
-        m.decode_tokens += batch.num_decode_tokens
-        m.generated_tokens += len(result.tokens) + len(result.beam_rows)
-        m.cow_copies += int(batch.copies.shape[0])
-        m.forks += outcome.forks
-        m.forward_time += result.forward_time
-        running = self.scheduler.running
-        bs = self.block_size
-        m.record(
-            t=result.done_time - m.start,
-            blocks_in_use=stats["blocks_in_use"],
-            blocks_unshared=sum(-(-s.num_in_manager // bs) for s in running),
-            contiguous_tokens=sum(
-                min(s.prompt_len + s.request.params.max_new_tokens, self.max_model_len)
-                for s in running
-            ),
+            prefix_base=(stats["prefix_queried_tokens"], stats["prefix_hit_tokens"]),
         )

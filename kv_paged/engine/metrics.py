@@ -12,6 +12,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only
+    from kv_paged.engine.request import ScheduledBatch, Sequence
+    from kv_paged.engine.scheduler import StepOutcome
+    from kv_paged.engine.step import StepResult
 
 MAX_TIMELINE_POINTS = 2048  # then every other point is dropped and the sampling stride doubles
 MAX_LATENCY_SAMPLES = 10_000  # per-request TTFT / TPOT kept for percentiles (reservoir sample)
@@ -36,6 +42,9 @@ class EngineMetrics:
     forks: int = 0
     cow_copies: int = 0
     forward_time: float = 0.0
+    # The BlockManager's (prefix_queried_tokens, prefix_hit_tokens) when the run started: its stats
+    # are the one home of those counters, the run's figures are differences from this.
+    prefix_base: tuple[int, int] = (0, 0)
     # Per finished request: seconds from add_request to its first token, and mean seconds per
     # output token after the first (vLLM's TTFT and TPOT; TPOT only for requests of >= 2 tokens):
     # a uniform sample of at most MAX_LATENCY_SAMPLES of them, and exact sums and counts.
@@ -56,6 +65,36 @@ class EngineMetrics:
     _latency: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # sums, counts
     _rng: random.Random = field(default_factory=lambda: random.Random(0))
     _last_t: float = 0.0
+
+    def record_step(
+        self,
+        batch: ScheduledBatch,
+        result: StepResult,
+        outcome: StepOutcome,
+        stats: dict[str, int],
+        running: list[Sequence],
+        max_model_len: int,
+    ) -> None:
+        """One engine step's figures, and one point of the memory timeline. stats: the
+        BlockManager's after the step; running: the scheduler's running sequences."""
+        self.steps += 1
+        self.prefix_queried_tokens = stats["prefix_queried_tokens"] - self.prefix_base[0]
+        self.prefix_hit_tokens = stats["prefix_hit_tokens"] - self.prefix_base[1]
+        self.prefill_tokens += batch.num_prefill_tokens
+        self.decode_tokens += batch.num_decode_tokens
+        self.generated_tokens += len(result.tokens) + len(result.beam_rows)
+        self.cow_copies += int(batch.copies.shape[0])
+        self.forks += outcome.forks
+        self.forward_time += result.forward_time
+        bs = self.block_size
+        self.record(
+            t=result.done_time - self.start,
+            blocks_in_use=stats["blocks_in_use"],
+            blocks_unshared=sum(-(-s.num_in_manager // bs) for s in running),
+            contiguous_tokens=sum(
+                min(s.prompt_len + s.request.params.max_new_tokens, max_model_len) for s in running
+            ),
+        )
 
     def record(
         self, t: float, blocks_in_use: int, blocks_unshared: int, contiguous_tokens: int

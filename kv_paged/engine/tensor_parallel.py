@@ -46,9 +46,9 @@ class TensorParallelGroup:
         self.ranks: list[int] = dist.get_process_group_ranks(group)
         self.rank = dist.get_rank()
         self.driver = self.ranks[0]
-        self.size = len(self.ranks)
+        self.size = len(self.ranks)  # the tensor-parallel degree
         kwargs = {}
-        if len(self.ranks) < dist.get_world_size():
+        if self.size < dist.get_world_size():
             kwargs["use_local_synchronization"] = True
         self.control = dist.new_group(
             ranks=self.ranks,
@@ -157,10 +157,11 @@ class TensorParallelGroup:
         store = _default_store()  # kept: it outlives the groups destroyed below
         _store_set(store, f"{self._prefix}{self.rank}", mine)
         _destroy_process_groups()
-        others = self._reports(store) if _is_collective_error(exc) else []
+        collective = _is_collective_error(exc)
+        others = self._reports(store) if collective else []
         if others:
             self.failure = "; ".join([*others, f"then here, {mine}"])
-        elif _is_collective_error(exc):
+        elif collective:
             silent = ", ".join(str(r) for r in self.ranks if r != self.rank)
             self.failure = (
                 f"rank {silent} reported nothing (it died, or it exited and took the store with "

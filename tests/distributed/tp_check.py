@@ -10,9 +10,10 @@ eager model.generate and a single-process Engine with the same settings. Rank 0 
 {check name: {"ok": bool, "detail": str}}; tests/test_tensor_parallel.py asserts every check.
 
 --device cuda runs the same checks with NCCL, one GPU per rank (cuda:LOCAL_RANK).
---scenario plants a failure instead of the checks (worker-raises, worker-dies, driver-raises, and
-worker-raises-lives: rank 1 raises and lives on for 2 x --timeout): the report says how each
-rank's call ended and how long it took to.
+--scenario plants a failure instead of the checks (worker-raises, worker-dies, driver-raises,
+worker-raises-lives: rank 1 raises and lives on for 2 x --timeout, and worker-interrupted /
+driver-interrupted: a KeyboardInterrupt, a BaseException, on rank 1 / rank 0): the report says how
+each rank's call ended, how long it took to, and what its Engine still holds.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def run_scenario(args, device, report: Report) -> None:
     model = load(args.models[0], device, sharded=True)
     prompts = prompts_for(model.config.vocab_size)
     e = Engine(model, num_blocks=64, block_size=BLOCK_SIZE, tp_timeout=args.timeout)
-    victim = 0 if args.scenario == "driver-raises" else 1
+    victim = 0 if args.scenario.startswith("driver-") else 1
     if rank == victim:
         forward, calls = e.runner.forward, [0]
 
@@ -234,6 +235,8 @@ def run_scenario(args, device, report: Report) -> None:
             if calls[0] == 3:
                 if args.scenario == "worker-dies":
                     os._exit(3)
+                if args.scenario.endswith("-interrupted"):  # Ctrl-C mid-step, on this rank only
+                    raise KeyboardInterrupt
                 raise RuntimeError(f"planted failure on rank {rank}")
             return forward(*a, **k)
 
@@ -244,10 +247,14 @@ def run_scenario(args, device, report: Report) -> None:
         ended = "returned"
     except BaseException as err:  # noqa: BLE001 - the report says what it was
         ended = f"{type(err).__name__}: {err}"
+    held = {
+        "requests": len(e._requests),
+        "blocks_in_use": e.block_manager.stats()["blocks_in_use"],
+    }
     report.check(
         f"rank{rank}",
         True,
-        json.dumps({"ended": ended, "seconds": time.monotonic() - t0, "closed": e.closed}),
+        json.dumps({"ended": ended, "seconds": time.monotonic() - t0, "closed": e.closed, **held}),
     )
     if args.scenario == "worker-raises-lives" and rank == victim:
         time.sleep(2 * args.timeout)  # alive: the other rank must fail at its timeout
@@ -268,7 +275,14 @@ def main() -> int:
     parser.add_argument(
         "--scenario",
         default=None,
-        choices=["worker-raises", "worker-dies", "driver-raises", "worker-raises-lives"],
+        choices=[
+            "worker-raises",
+            "worker-dies",
+            "driver-raises",
+            "worker-raises-lives",
+            "worker-interrupted",
+            "driver-interrupted",
+        ],
     )
     parser.add_argument(
         "--timeout",
