@@ -30,7 +30,10 @@ struct DecodeAttentionParams {
   // kSingleQuery: serve only sequences with one query (the prefill kernel takes the others in the
   // same call); the grid then has one virtual tile per sequence.
   cuda::SeqFilter filter = cuda::SeqFilter::kAll;
-  int32_t* served = nullptr;  // tests only: served[b] |= 1 (see log_served)
+  // fp16/bf16: the tensor-core path (decode_attention_mma_kernel.cuh), chosen by the host per call
+  // with decode_use_tensor_cores; launch_decode_attention_path dispatches on it.
+  bool tensor_cores = false;
+  int32_t* served = nullptr;  // tests only: served[b] |= kServedDecode [| kServedTensorCores]
 };
 
 namespace cuda {
@@ -39,6 +42,9 @@ constexpr int kDecodeThreads = 128;
 constexpr int kDecodeRows = 16;   // query rows per pass
 constexpr int kDecodeStages = 3;  // K/V tiles in flight
 constexpr int kMaxSplits = 32;
+// log_served bits of the decode kernels (the prefill kernel logs 2).
+constexpr int kServedDecode = 1;
+constexpr int kServedTensorCores = 4;
 
 template <typename T, int kHeadDim>
 struct DecodeConfig {
@@ -79,7 +85,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
           : !find_q_tile(p.cu_seqlens_q, int(p.num_seqs), dp.tile_q, blockIdx.x, qt)) {
     return;
   }
-  log_served(dp.served, qt, 1);
+  log_served(dp.served, qt, kServedDecode);
   const int kv_head = blockIdx.y, split = blockIdx.z;
   const KvRows<kPaged> kv(p, qt.seq, kv_head);
   if (!check_sequence<kPaged>(p, qt, kv.k_len)) return;
