@@ -96,14 +96,16 @@ void run_decode_cases(const std::string& filter) {
   const auto C = attn_case;
   CaseList<AttnCase> cases(1515);
   auto add = [&](auto tag, const AttnCase& c) { cases.add(tag, c, run_case<decltype(tag)>); };
+  // First a CUDA-core case: run_emu.sh's barrier:decode_attention_kernel.cuh#k faults count that
+  // file's barriers in order of first execution (the kernel's four, then merge_splits_kernel's).
+  AttnCase c = C(64, 4, 4, {{1, 5}, {1, 70}}, true, 3);  // MHA, block size 3
+  c.softcap = 30.f, c.window = 16, c.num_splits = 2;
+  add(__nv_bfloat16(), c);
   // Decode steps (one query per sequence), incl. an empty-context-free mix of lengths.
-  AttnCase c = C(128, 8, 2, {{1, 1}, {1, 37}, {1, 130}}, true, 16);
+  c = C(128, 8, 2, {{1, 1}, {1, 37}, {1, 130}}, true, 16);
   add(__half(), c);
   c.num_splits = 3;  // forced split-KV + merge
   add(__half(), c);
-  c = C(64, 4, 4, {{1, 5}, {1, 70}}, true, 3);  // MHA, block size 3
-  c.softcap = 30.f, c.window = 16, c.num_splits = 2;
-  add(__nv_bfloat16(), c);
   c = C(256, 2, 1, {{1, 20}, {3, 45}}, true, 8);  // several queries per sequence, d256
   add(float(), c);
   c = C(80, 6, 3, {{2, 9}, {1, 33}}, true, 1);  // d80 in the 128 kernel, block size 1
@@ -156,11 +158,18 @@ void run_decode_cases(const std::string& filter) {
   c = C(64, 4, 1, {{1, 40}, {1, 17}}, true, 16);  // 64-bit offsets on the tensor-core path
   c.huge_pool = true, c.num_splits = 2;
   add(__nv_bfloat16(), c);
-  // Shapes that must stay on CUDA cores: fp32 with GQA 8; fp16 GQA 4 with unaligned query rows.
+  // Shapes that must stay on CUDA cores: fp32 with GQA 8 and 32 (two passes of 16 rows); fp16
+  // GQA 4 with unaligned query rows.
+  c = C(64, 32, 1, {{1, 50}, {1, 3}}, true, 16);
+  c.num_splits = 2;
+  add(float(), c);
   add(float(), C(64, 8, 1, {{1, 33}}, true, 16));
   c = C(64, 4, 1, {{1, 30}}, true, 8);
   c.q_pad = 3;
   add(__half(), c);
+  // fp32 d256 GQA 20: passes of 16 + 4 rows, where the merge buffer overlays the next pass's
+  // q_smem at a lane shift (so the pass-end barrier has a hazard to guard).
+  add(float(), C(256, 20, 1, {{1, 40}}, true, 16));
   cases.run(filter);
 }
 

@@ -314,6 +314,31 @@ cudaError_t launch_decode_attention_mma(const DecodeAttentionParams& dp, cudaStr
   return cudaGetLastError();
 }
 
+// How many CTAs of the decode path `tensor_cores` names one SM holds at once (registers, shared
+// memory, threads: the CUDA occupancy calculator on the current device), at least 1; the split
+// count aims at one wave of them (decode_num_splits). Sets the kernel's shared-memory limit, as
+// its launcher does.
+template <typename T, int kHeadDim, bool kPaged>
+cudaError_t decode_ctas_per_sm(bool tensor_cores, int& ctas) {
+  ctas = 1;
+  auto query = [&ctas](auto kernel, int threads, size_t smem) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    int n = 0;
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem);
+    ctas = n > 1 ? n : 1;
+    return err;
+  };
+  if constexpr (!std::is_same_v<T, float> && kPaged) {
+    if (tensor_cores) {
+      return query(cuda::decode_attention_mma_kernel<T, kHeadDim, kPaged>, cuda::kMmaDecodeThreads,
+                   cuda::MmaDecodeConfig<T, kHeadDim>::smem_bytes);
+    }
+  }
+  return query(cuda::decode_attention_kernel<T, kHeadDim, kPaged>, cuda::kDecodeThreads,
+               cuda::DecodeConfig<T, kHeadDim>::smem_bytes);
+}
+
 // The decode kernel of paged_attention: the path dp.tensor_cores names. fp32 and contiguous K/V
 // (flash_attention's fp32 fallback) always take the CUDA-core path.
 template <typename T, int kHeadDim, bool kPaged>
