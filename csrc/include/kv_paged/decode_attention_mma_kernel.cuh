@@ -42,8 +42,11 @@ struct MmaDecodeConfig {
   static_assert(warp_bytes >= size_t(kMmaDecodeRows) * kHeadDim * sizeof(float), "merge buffer");
 };
 
+// Min 1 CTA per SM: without it ptxas (nvcc 13, sm_90a) caps the d128 kernel at 128 registers and
+// spills 96 bytes in the tile loop; with it, 156 and no spill. Shared memory (~104 KB at d128)
+// bounds occupancy before registers do.
 template <typename T, int kHeadDim, bool kPaged>
-__global__ void __launch_bounds__(kMmaDecodeThreads)
+__global__ void __launch_bounds__(kMmaDecodeThreads, 1)
     decode_attention_mma_kernel(const DecodeAttentionParams dp) {
   using C = MmaDecodeConfig<T, kHeadDim>;
   const AttentionProblem& p = dp.prob;
