@@ -72,7 +72,7 @@ struct DecodeConfig {
   static_assert(merge_bytes <= smem_bytes, "merge buffer");
 };
 
-// A lane's kCols contiguous elements of a shared-memory row, in one vector load.
+// A lane's kCols contiguous elements of a shared-memory row, read with vector loads (16 B max).
 template <typename T, int N>
 struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) SmemVec {
   T v[N];
