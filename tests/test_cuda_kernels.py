@@ -203,13 +203,18 @@ def test_swap_blocks(direction, gen):
 # ---- paged attention ---------------------------------------------------------------------------
 
 
+# fp16/bf16 with GQA >= 4 take the decode kernel's tensor-core path, the rest its CUDA-core path.
 DECODE_CASES = [  # (dtype, head_dim, num_heads, num_kv_heads, block_size)
-    (torch.bfloat16, 128, 32, 8, 16),
+    (torch.bfloat16, 128, 32, 8, 16),  # group 4: tensor cores
     (torch.float16, 64, 8, 8, 32),
     (torch.float32, 256, 8, 2, 16),
     (torch.bfloat16, 80, 24, 1, 16),  # group 24 > 16 rows per pass; padded head_dim
-    (torch.float16, 256, 16, 1, 128),
+    (torch.float16, 256, 16, 1, 128),  # group 16: tensor cores, d256
     (torch.float32, 96, 6, 3, 8),
+    (torch.float16, 128, 20, 4, 3),  # group 5: tensor cores, block size 3
+    (torch.bfloat16, 64, 32, 4, 16),  # group 8: tensor cores, d64
+    (torch.float16, 64, 32, 1, 1),  # group 32: two tensor-core passes, block size 1
+    (torch.float32, 128, 16, 2, 16),  # group 8 in fp32: CUDA cores
 ]
 
 

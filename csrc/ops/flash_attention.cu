@@ -87,8 +87,9 @@ at::Tensor run_flash_attention_cuda(const at::Tensor& q, const at::Tensor& k, co
     dp.tile_q = decode_tile_q(params.num_heads / params.num_kv_heads);
     const int64_t live = std::max<int64_t>(params.num_seqs, (params.total_q + dp.tile_q - 1) / dp.tile_q) *
                          params.num_kv_heads;
+    // The fp32 fallback is not tuned: it keeps the former target of 2 CTAs per SM.
     dp.num_splits = decode_num_splits(live, std::max<int64_t>(params.max_seqlen_k, 1),
-                                      sm_count(q.get_device()));
+                                      sm_count(q.get_device()), 2);
     if (dp.num_splits > 1) {
       const auto f32 = q.options().dtype(at::kFloat);
       partial_out = at::empty({dp.num_splits, params.total_q, params.num_heads, params.head_dim}, f32);

@@ -4,13 +4,15 @@
 // sequence has a prefill chunk and both kernels run, each CTA reading its own sequence's q_len on
 // the device: the tensor-core prefill kernel (prefill_attention_kernel.cuh, K/V through the block
 // table) serves sequences with >= 2 queries, the split-KV kernel those with one (a grid of one
-// CTA per sequence and KV head; a CTA of the other kind leaves at once).
+// CTA per sequence and KV head; a CTA of the other kind leaves at once). The split-KV kernel runs
+// on tensor cores for fp16/bf16 GQA groups >= 4 (decode_attention_mma_kernel.cuh), else on CUDA
+// cores; its split count targets one wave of the CTAs the occupancy calculator fits per SM.
 #include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
 
-#include "kv_paged/decode_attention_kernel.cuh"
+#include "kv_paged/decode_attention_mma_kernel.cuh"
 #include "kv_paged/prefill_attention_kernel.cuh"
 #include "ops/cuda_glue.cuh"
 #include "ops/validate.h"
@@ -18,9 +20,32 @@
 namespace kv_paged {
 namespace {
 
+// What sizes the decode kernel's KV split count (filled before the dtype / head_dim dispatch).
+struct DecodeSplitInputs {
+  int64_t live_ctas;  // query tiles x KV heads
+  int64_t max_k_len;  // the longest KV a split range must cover
+  int sm_count;
+  at::TensorOptions f32;  // the partial buffers' options
+};
+
+// CTAs per SM of the decode path `tensor_cores` names (decode_ctas_per_sm), queried once per
+// (dtype, head_dim, path) and process on the first call's device.
+template <typename T, int kHeadDim>
+int decode_occupancy(bool tensor_cores) {
+  auto query = [](bool tc) {
+    int n = 1;
+    check_cuda(decode_ctas_per_sm<T, kHeadDim, true>(tc, n), "paged_attention: occupancy query");
+    return n;
+  };
+  static const int cuda_cores = query(false);
+  if (!tensor_cores) return cuda_cores;
+  static const int tensor = query(true);
+  return tensor;
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_paged(const AttentionProblem& prob, bool use_prefill, DecodeAttentionParams& dp,
-                      cudaStream_t stream) {
+                      const DecodeSplitInputs& in, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (use_prefill) {
       PrefillAttentionParams pp{prob};
@@ -29,16 +54,26 @@ cudaError_t run_paged(const AttentionProblem& prob, bool use_prefill, DecodeAtte
       if (err != cudaSuccess) return err;
     }
   }
-  return launch_decode_attention<T, kHeadDim, true>(dp, stream);
+  dp.num_splits = decode_num_splits(in.live_ctas, in.max_k_len, in.sm_count,
+                                    decode_occupancy<T, kHeadDim>(dp.tensor_cores));
+  at::Tensor partial_out, partial_lse;  // freed after the launch: stream-ordered by the allocator
+  if (dp.num_splits > 1) {
+    partial_out = at::empty({dp.num_splits, prob.total_q, prob.num_heads, prob.head_dim}, in.f32);
+    partial_lse = at::empty({dp.num_splits, prob.total_q, prob.num_heads}, in.f32);
+    dp.partial_out = partial_out.data_ptr<float>();
+    dp.partial_lse = partial_lse.data_ptr<float>();
+  }
+  return launch_decode_attention_path<T, kHeadDim, true>(dp, stream);
 }
 
 template <typename T>
 cudaError_t run_paged_head_dim(const AttentionProblem& prob, bool use_prefill,
-                               DecodeAttentionParams& dp, cudaStream_t stream) {
+                               DecodeAttentionParams& dp, const DecodeSplitInputs& in,
+                               cudaStream_t stream) {
   switch (prob.head_dim <= 64 ? 64 : prob.head_dim <= 128 ? 128 : 256) {
-    case 64: return run_paged<T, 64>(prob, use_prefill, dp, stream);
-    case 128: return run_paged<T, 128>(prob, use_prefill, dp, stream);
-    default: return run_paged<T, 256>(prob, use_prefill, dp, stream);
+    case 64: return run_paged<T, 64>(prob, use_prefill, dp, in, stream);
+    case 128: return run_paged<T, 128>(prob, use_prefill, dp, in, stream);
+    default: return run_paged<T, 256>(prob, use_prefill, dp, in, stream);
   }
 }
 
@@ -73,34 +108,30 @@ at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cac
   dp.vec_ok = cuda::rows_16b_aligned<true>(dp.prob, query.element_size());
   const bool use_prefill = dtype != at::kFloat && dp.vec_ok && params.head_dim % 8 == 0 &&
                            params.total_q != params.num_seqs;
-  at::Tensor partial_out, partial_lse;
+  DecodeSplitInputs split;
   {
     // With the prefill kernel beside it, the decode kernel serves the one-query sequences only.
     dp.filter = use_prefill ? cuda::SeqFilter::kSingleQuery : cuda::SeqFilter::kAll;
-    dp.tile_q = decode_tile_q(params.num_heads / params.num_kv_heads);
+    const int64_t group = params.num_heads / params.num_kv_heads;
+    dp.tensor_cores = decode_use_tensor_cores(group, query.element_size(), dp.vec_ok);
+    dp.tile_q = decode_tile_q(group);
     const int64_t tiles =
         use_prefill ? params.num_seqs
                     : std::max<int64_t>(params.num_seqs, (params.total_q + dp.tile_q - 1) / dp.tile_q);
-    const int64_t live = tiles * params.num_kv_heads;
+    split.live_ctas = tiles * params.num_kv_heads;
     // The longest KV the splits must cover: the caller's max_seqlen_kv when given (a smaller
     // value than the truth only costs parallelism: each split takes its share of the sequence's
     // real length), else what the block tables can hold.
-    int64_t max_k_len = params.max_blocks_per_seq * params.k_layout.block_size;
-    if (max_seqlen_kv >= 0) max_k_len = std::min(max_k_len, max_seqlen_kv);
-    dp.num_splits = decode_num_splits(live, max_k_len, sm_count(query.get_device()));
-    if (dp.num_splits > 1) {
-      const auto f32 = query.options().dtype(at::kFloat);
-      partial_out = at::empty({dp.num_splits, params.total_q, params.num_heads, params.head_dim}, f32);
-      partial_lse = at::empty({dp.num_splits, params.total_q, params.num_heads}, f32);
-      dp.partial_out = partial_out.data_ptr<float>();
-      dp.partial_lse = partial_lse.data_ptr<float>();
-    }
+    split.max_k_len = params.max_blocks_per_seq * params.k_layout.block_size;
+    if (max_seqlen_kv >= 0) split.max_k_len = std::min(split.max_k_len, max_seqlen_kv);
+    split.sm_count = sm_count(query.get_device());
+    split.f32 = query.options().dtype(at::kFloat);
   }
   cudaError_t err = cudaSuccess;
   switch (dtype) {
-    case at::kHalf: err = run_paged_head_dim<__half>(dp.prob, use_prefill, dp, stream); break;
-    case at::kBFloat16: err = run_paged_head_dim<__nv_bfloat16>(dp.prob, use_prefill, dp, stream); break;
-    case at::kFloat: err = run_paged_head_dim<float>(dp.prob, false, dp, stream); break;
+    case at::kHalf: err = run_paged_head_dim<__half>(dp.prob, use_prefill, dp, split, stream); break;
+    case at::kBFloat16: err = run_paged_head_dim<__nv_bfloat16>(dp.prob, use_prefill, dp, split, stream); break;
+    case at::kFloat: err = run_paged_head_dim<float>(dp.prob, false, dp, split, stream); break;
     default: TORCH_CHECK(false, "paged_attention: query dtype ", dtype, " is not float16, bfloat16 or float32");
   }
   check_cuda(err, "paged_attention");

@@ -1,14 +1,15 @@
 // Emulated runs of paged_attention's mixed-batch routing (csrc/ops/paged_attention.cu): the
 // tensor-core prefill kernel with filter kMultiQuery, then the split-KV decode kernel with filter
-// kSingleQuery (one CTA per sequence and KV head) and its merge, both over the whole batch with no
-// host-side split. Every row must match the reference (out starts NaN: a row no kernel wrote
-// fails), and each kernel's served log must name exactly the sequences of its kind.
+// kSingleQuery (one CTA per sequence and KV head; the tensor-core path for GQA >= 4) and its merge,
+// both over the whole batch with no host-side split. Every row must match the reference (out
+// starts NaN: a row no kernel wrote fails), and each kernel's served log must name exactly the
+// sequences of its kind, and the decode path the glue picks.
 #include <random>
 #include <string>
 #include <vector>
 
 #include "attention_emu.h"
-#include "kv_paged/decode_attention_kernel.cuh"
+#include "kv_paged/decode_attention_mma_kernel.cuh"
 #include "kv_paged/prefill_attention_kernel.cuh"
 
 namespace kvemu {
@@ -16,7 +17,8 @@ namespace {
 
 using kv_paged::cuda::SeqFilter;
 
-// served[b]: 1 = the decode kernel computed sequence b, 2 = the prefill kernel, 0 = neither.
+// served[b]: 1 = the decode kernel computed sequence b (| 4 on its tensor-core path), 2 = the
+// prefill kernel, 0 = neither.
 template <typename T, int KD>
 cudaError_t launch_routed(const AttnData<T>& a, int num_splits, std::vector<int32_t>& served,
                           std::vector<float>& po, std::vector<float>& pl) {
@@ -29,7 +31,9 @@ cudaError_t launch_routed(const AttnData<T>& a, int num_splits, std::vector<int3
   kv_paged::DecodeAttentionParams dp;
   dp.prob = a.prob;
   dp.vec_ok = kv_paged::cuda::rows_16b_aligned<true>(dp.prob, sizeof(T));
-  dp.tile_q = kv_paged::decode_tile_q(a.c.num_heads / a.c.num_kv_heads);
+  const int group = a.c.num_heads / a.c.num_kv_heads;
+  dp.tensor_cores = kv_paged::decode_use_tensor_cores(group, sizeof(T), dp.vec_ok);
+  dp.tile_q = kv_paged::decode_tile_q(group);
   dp.filter = SeqFilter::kSingleQuery;
   dp.served = served.data();
   dp.num_splits = num_splits;
@@ -39,7 +43,7 @@ cudaError_t launch_routed(const AttnData<T>& a, int num_splits, std::vector<int3
     dp.partial_out = po.data();
     dp.partial_lse = pl.data();
   }
-  return kv_paged::launch_decode_attention<T, KD, true>(dp, nullptr);
+  return kv_paged::launch_decode_attention_path<T, KD, true>(dp, nullptr);
 }
 
 template <typename T>
@@ -55,7 +59,8 @@ void run_routed(const AttnCase& c, std::mt19937& rng) {
   std::string bad = err != cudaSuccess ? "launch failed" : a.check();
   for (size_t b = 0; b < c.seqs.size() && err == cudaSuccess; ++b) {
     const int q_len = c.seqs[b].first;
-    const int want = q_len == 0 ? 0 : q_len == 1 ? 1 : 2;
+    const int decode = 1 | (c.num_heads / c.num_kv_heads >= 4 ? 4 : 0);  // all cases: 16-bit, aligned
+    const int want = q_len == 0 ? 0 : q_len == 1 ? decode : 2;
     if (served[b] != want) {
       bad += (bad.empty() ? "" : "; ") + std::string("sequence ") + std::to_string(b) +
              " (q_len " + std::to_string(q_len) + ") served by " + std::to_string(served[b]) +
@@ -82,6 +87,9 @@ void run_routing_cases(const std::string& filter) {
   c = C(96, 4, 4, {{33, 80}, {1, 14}}, true, 4);  // d96 padded into the 128 kernels, MHA
   c.num_splits = 2;
   add(__nv_bfloat16(), c);
+  c = C(64, 20, 4, {{1, 45}, {6, 30}, {1, 17}, {1, 1}}, true, 3);  // GQA 5: tensor-core decode
+  c.num_splits = 2, c.window = 24;
+  add(__half(), c);
   cases.run(filter);
 }
 

@@ -49,13 +49,17 @@ done
 # barrier:<file>#<k> drops the k-th distinct __syncthreads of the file in order of first execution.
 faults=(
   "--suites decode --schedule warp-alone --fault barrier:decode_attention_kernel.cuh#1"  # setup -> tiles
-  "--suites decode --schedule reverse --fault barrier:decode_attention_kernel.cuh#3"     # scores -> softmax
-  "--suites decode --schedule warp-alone --fault barrier:decode_attention_kernel.cuh#4"  # softmax -> PV
-  "--suites decode --schedule warp-alone --fault barrier:decode_attention_kernel.cuh#6"  # pass -> next pass
-  "--suites decode --deferred --fault barrier:decode_attention_kernel.cuh#2"             # copies -> scores
+  "--suites decode --schedule warp-alone --fault barrier:decode_attention_kernel.cuh#2"  # tiles -> merge buffer overlay
+  "--suites decode --schedule reverse --fault barrier:decode_attention_kernel.cuh#3"     # warps' partials -> merge
+  "--suites decode --schedule warp-alone --fault barrier:decode_attention_kernel.cuh#4"  # merge -> next pass (d256)
+  "--suites decode --schedule reverse --fault barrier:decode_attention_kernel.cuh#5"     # merge_splits weights
+  "--suites decode --schedule warp-alone --fault barrier:decode_attention_mma_kernel.cuh#1" # Q copies -> warps
+  "--suites decode --schedule warp-alone --fault barrier:decode_attention_mma_kernel.cuh#2" # warps' partials -> merge
+  "--suites decode --schedule warp-alone --fault barrier:decode_attention_mma_kernel.cuh#3" # merge -> next pass
+  "--suites decode --fault mma-a-swap"
+  "--suites decode --fault ldmatrix-no-trans"
   "--suites prefill --schedule reverse --fault barrier:prefill_attention_kernel.cuh#1"   # copies -> mma
   "--suites prefill --schedule warp-alone --fault barrier:prefill_attention_kernel.cuh#2" # reads -> overwrite
-  "--suites decode --schedule reverse --fault barrier:decode_attention_kernel.cuh#7"     # merge weights
   "--suites prefill --fault mma-a-swap"
   "--suites prefill --fault ldmatrix-no-trans"
   "--suites decode,prefill --deferred --fault weak-wait"

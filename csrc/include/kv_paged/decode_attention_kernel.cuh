@@ -1,12 +1,15 @@
-// Split-KV attention with CUDA-core (FMA) math: the decode kernel of paged_attention, and the
-// fallback of both attention ops for fp32 and for rows that are not 16-byte aligned.
+// Split-KV attention with CUDA-core (FMA) math: the decode kernel of paged_attention for fp32, GQA
+// groups < 4 and rows that are not 16-byte aligned (decode_attention_mma_kernel.cuh takes fp16/bf16
+// groups >= 4), and the fp32 fallback of flash_attention.
 // One CTA = (query tile, KV head, KV split). A query tile is up to kRows rows = (query token, query
 // head of the KV head's GQA group) pairs, so each K/V byte is read once for the whole group. K/V
 // tiles stream through a 3-stage cp.async ring (16-byte copies, zero-fill past the end); the block
-// table entries of a tile are loaded one tile before its copies are issued. Each split writes an
-// fp32 partial output and log-sum-exp, merged by merge_splits_kernel; with one split the kernel
-// writes `out` directly. Any q_len per sequence works (rows loop in passes of kRows); with
-// filter = kSingleQuery it serves only one-query sequences, beside the prefill kernel.
+// table entries of a tile are loaded one tile before its copies are issued. Each of the 4 warps
+// owns a quarter of every tile's keys (copies, scores, softmax state, PV), so a tile needs no
+// CTA-wide barrier, and PV touches only the pass's real rows; the warps' partials merge once per
+// pass. Each split writes an fp32 partial output and log-sum-exp, merged by merge_splits_kernel;
+// with one split the kernel writes `out` directly. Any q_len per sequence works (rows loop in
+// passes of kRows); with filter = kSingleQuery it serves only one-query sequences.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,7 +33,10 @@ struct DecodeAttentionParams {
   // kSingleQuery: serve only sequences with one query (the prefill kernel takes the others in the
   // same call); the grid then has one virtual tile per sequence.
   cuda::SeqFilter filter = cuda::SeqFilter::kAll;
-  int32_t* served = nullptr;  // tests only: served[b] |= 1 (see log_served)
+  // fp16/bf16: the tensor-core path (decode_attention_mma_kernel.cuh), chosen by the host per call
+  // with decode_use_tensor_cores; launch_decode_attention_path dispatches on it.
+  bool tensor_cores = false;
+  int32_t* served = nullptr;  // tests only: served[b] |= kServedDecode [| kServedTensorCores]
 };
 
 namespace cuda {
@@ -39,25 +45,37 @@ constexpr int kDecodeThreads = 128;
 constexpr int kDecodeRows = 16;   // query rows per pass
 constexpr int kDecodeStages = 3;  // K/V tiles in flight
 constexpr int kMaxSplits = 32;
+// log_served bits of the decode kernels (the prefill kernel logs 2).
+constexpr int kServedDecode = 1;
+constexpr int kServedTensorCores = 4;
 
 template <typename T, int kHeadDim>
 struct DecodeConfig {
+  static constexpr int kWarps = kDecodeThreads / 32;
   static constexpr int kChunk = 16 / int(sizeof(T));             // elements per 16-byte copy
   static constexpr int kRowChunks = kHeadDim / kChunk;
   static constexpr int kTile = 8192 / (kHeadDim * int(sizeof(T)));  // 8 KB of K per tile
-  static constexpr int kChunksPerThread = kTile * kRowChunks / kDecodeThreads;  // = 4
+  static constexpr int kWarpKeys = kTile / kWarps;                  // keys a warp owns per tile
+  static constexpr int kChunksPerThread = kWarpKeys * kRowChunks / 32;  // = 4
   static constexpr int kSplitD = kDecodeThreads / kTile;  // lanes sharing one key's dot product
   static constexpr int kRowStride = kHeadDim + kChunk;     // +16 B: conflict-free rows
-  static constexpr int kPairs = kHeadDim / 2;              // PV: a thread owns 2 output columns
-  static constexpr int kRowGroups = kDecodeThreads / kPairs;
-  static constexpr int kRowsPerGroup = kDecodeRows / kRowGroups;
+  static constexpr int kCols = kHeadDim / 32;              // PV: a lane owns kCols output columns
   static_assert(kChunksPerThread == 4 && kRowChunks % kSplitD == 0, "tile shape");
-  static_assert(kRowGroups >= 1 && kDecodeRows % kRowGroups == 0, "head_dim <= 256");
+  static_assert(kSplitD * kWarpKeys == 32 && kCols >= 1, "a key's lanes sit in its owner warp");
 
   static constexpr size_t kv_bytes = size_t(kDecodeStages) * kTile * kRowStride * sizeof(T);
   static constexpr size_t q_bytes = size_t(kDecodeRows) * kHeadDim * sizeof(float);
   static constexpr size_t s_bytes = size_t(kDecodeRows) * (kTile + 1) * sizeof(float);
   static constexpr size_t smem_bytes = 2 * kv_bytes + q_bytes + s_bytes;
+  // After the last tile the same memory holds each warp's fp32 partial O for the merge.
+  static constexpr size_t merge_bytes = size_t(kWarps) * kDecodeRows * kHeadDim * sizeof(float);
+  static_assert(merge_bytes <= smem_bytes, "merge buffer");
+};
+
+// A lane's kCols contiguous elements of a shared-memory row, read with vector loads (16 B max).
+template <typename T, int N>
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) SmemVec {
+  T v[N];
 };
 
 template <typename T, int kHeadDim, bool kPaged>
@@ -70,7 +88,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
   T* v_smem = reinterpret_cast<T*>(smem + C::kv_bytes);        // [stage][kTile][kRowStride]
   float* q_smem = reinterpret_cast<float*>(smem + 2 * C::kv_bytes);  // [kRows][kHeadDim]
   float* s_smem = q_smem + kDecodeRows * kHeadDim;                     // [kRows][kTile + 1]
-  __shared__ float row_m[kDecodeRows], row_l[kDecodeRows], row_alpha[kDecodeRows];
+  float* merge = reinterpret_cast<float*>(smem);  // [kWarps][kRows][kHeadDim], after the tiles
+  __shared__ float warp_m[C::kWarps][kDecodeRows], warp_l[C::kWarps][kDecodeRows];
+  __shared__ float warp_alpha[C::kWarps][kDecodeRows];
   __shared__ int row_lo[kDecodeRows], row_hi[kDecodeRows];
 
   QTile qt;
@@ -79,12 +99,13 @@ __global__ void __launch_bounds__(kDecodeThreads)
           : !find_q_tile(p.cu_seqlens_q, int(p.num_seqs), dp.tile_q, blockIdx.x, qt)) {
     return;
   }
-  log_served(dp.served, qt, 1);
+  log_served(dp.served, qt, kServedDecode);
   const int kv_head = blockIdx.y, split = blockIdx.z;
   const KvRows<kPaged> kv(p, qt.seq, kv_head);
   if (!check_sequence<kPaged>(p, qt, kv.k_len)) return;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int key0 = warp * C::kWarpKeys;  // this warp's keys in every tile: key0 .. + kWarpKeys - 1
   const int group = int(p.num_heads / p.num_kv_heads);
   const int D = int(p.head_dim);
   const int window = int(p.sliding_window);
@@ -111,8 +132,6 @@ __global__ void __launch_bounds__(kDecodeThreads)
       const Span s = visible_span(pos, kv.k_len, p.causal, window);
       row_lo[tid] = s.lo;
       row_hi[tid] = tid < rows ? s.hi : s.lo;  // padding rows see nothing
-      row_m[tid] = kNegInf;
-      row_l[tid] = 0.f;
     }
     __syncthreads();
     // Rows are ordered by token, so the first row has the smallest span start, the last the largest end.
@@ -122,12 +141,13 @@ __global__ void __launch_bounds__(kDecodeThreads)
     const int first_tile = split * per_split;
     const int n_tiles = max(0, min(n_tiles_all, first_tile + per_split) - first_tile);
 
-    // Loader: thread copies chunks tid + k * kThreads of each tile (token c / kRowChunks).
+    // Each warp copies, scores and multiplies only its own kWarpKeys keys of a tile, so within a
+    // tile it syncs with __syncwarp alone. Lane chunks lane + 32 k of the warp's keys.
     auto tile_start = [&](int tile) { return lo + (first_tile + tile) * C::kTile; };
     auto fetch_ids = [&](int tile, int32_t (&ids)[C::kChunksPerThread]) {
 #pragma unroll
       for (int k = 0; k < C::kChunksPerThread; ++k) {
-        const int t = tile_start(tile) + (tid + k * kDecodeThreads) / C::kRowChunks;
+        const int t = tile_start(tile) + key0 + (lane + 32 * k) / C::kRowChunks;
         ids[k] = (tile < n_tiles && t < hi) ? kv.entry(t) : 0;
       }
     };
@@ -136,8 +156,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
         const int stage = tile % kDecodeStages;
 #pragma unroll
         for (int k = 0; k < C::kChunksPerThread; ++k) {
-          const int c = tid + k * kDecodeThreads;
-          const int tok = c / C::kRowChunks, ch = c % C::kRowChunks;
+          const int c = lane + 32 * k;
+          const int tok = key0 + c / C::kRowChunks, ch = c % C::kRowChunks;
           const int t = tile_start(tile) + tok;
           int64_t ko = 0, vo = 0;
           const bool ok = t < hi && kv.offsets(ids[k], t, ko, vo);
@@ -169,16 +189,20 @@ __global__ void __launch_bounds__(kDecodeThreads)
     }
     fetch_ids(kDecodeStages - 1, ids);
 
-    // PV ownership: output columns 2 * pair, 2 * pair + 1 of rows group * kRowsPerGroup + i.
-    const int pair = tid % C::kPairs, rgroup = tid / C::kPairs;
-    const bool pv_active = rgroup < C::kRowGroups;
-    float acc[C::kRowsPerGroup][2];
+    // The warp's online softmax state: lane r < rows holds row r's running max and sum over the
+    // warp's keys. PV: lane owns columns lane * kCols .. + kCols - 1 of every row; only the pass's
+    // real rows are computed (loops unrolled to kRows, skipped past `rows`: uniform branches).
+    float m_mine = kNegInf, l_mine = 0.f;
+    float acc[kDecodeRows][C::kCols];
 #pragma unroll
-    for (int i = 0; i < C::kRowsPerGroup; ++i) acc[i][0] = acc[i][1] = 0.f;
+    for (int r = 0; r < kDecodeRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < C::kCols; ++c) acc[r][c] = 0.f;
+    }
 
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait<kDecodeStages - 2>();
-      __syncthreads();
+      __syncwarp();  // the warp's keys of tile `it` landed; every lane is done with tile it - 1
       issue(it + kDecodeStages - 1, ids);
       fetch_ids(it + kDecodeStages, ids);
       const int stage = it % kDecodeStages;
@@ -214,88 +238,104 @@ __global__ void __launch_bounds__(kDecodeThreads)
           }
         }
       }
-      __syncthreads();
-      // Online softmax: one warp per row.
-      for (int r = warp; r < rows; r += kDecodeThreads / 32) {
-        float* sr = s_smem + r * (C::kTile + 1);
+      __syncwarp();
+      // Online softmax over the warp's keys: lane r owns row r.
+      if (lane < rows) {
+        float* sr = s_smem + lane * (C::kTile + 1) + key0;
         float mx = kNegInf;
-        for (int j = lane; j < C::kTile; j += 32) mx = fmaxf(mx, sr[j]);
 #pragma unroll
-        for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        const float m_old = row_m[r];
-        const float m_new = fmaxf(m_old, mx);
+        for (int j = 0; j < C::kWarpKeys; ++j) mx = fmaxf(mx, sr[j]);
+        const float m_new = fmaxf(m_mine, mx);
         const float m_use = m_new == kNegInf ? 0.f : m_new;
         float sum = 0.f;
-        for (int j = lane; j < C::kTile; j += 32) {
+#pragma unroll
+        for (int j = 0; j < C::kWarpKeys; ++j) {
           const float e = __expf(sr[j] - m_use);
           sr[j] = e;
           sum += e;
         }
+        const float alpha = __expf(m_mine - m_use);
+        warp_alpha[warp][lane] = alpha;
+        l_mine = l_mine * alpha + sum;
+        m_mine = m_new;
+      }
+      __syncwarp();
+      // acc = acc * alpha + P V over the warp's keys.
 #pragma unroll
-        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        __syncwarp();
-        if (lane == 0) {
-          const float alpha = __expf(m_old - m_use);
-          row_alpha[r] = alpha;
-          row_l[r] = row_l[r] * alpha + sum;
-          row_m[r] = m_new;
+      for (int r = 0; r < kDecodeRows; ++r) {
+        if (r < rows) {
+          const float a = warp_alpha[warp][r];
+#pragma unroll
+          for (int c = 0; c < C::kCols; ++c) acc[r][c] *= a;
         }
       }
-      __syncthreads();
-      // acc = acc * alpha + P V.
-      if (pv_active) {
+      const T* vrow = v_smem + (stage * C::kTile + key0) * C::kRowStride + lane * C::kCols;
+      const float* prow = s_smem + key0;
+#pragma unroll 2
+      for (int j = 0; j < C::kWarpKeys; ++j) {
+        const SmemVec<T, C::kCols> raw =
+            *reinterpret_cast<const SmemVec<T, C::kCols>*>(vrow + j * C::kRowStride);
+        float v[C::kCols];
 #pragma unroll
-        for (int i = 0; i < C::kRowsPerGroup; ++i) {
-          const int r = rgroup * C::kRowsPerGroup + i;
-          const float a = r < rows ? row_alpha[r] : 0.f;
-          acc[i][0] *= a;
-          acc[i][1] *= a;
-        }
-        const T* vcol = v_smem + stage * C::kTile * C::kRowStride + 2 * pair;
-#pragma unroll 4
-        for (int j = 0; j < C::kTile; ++j) {
-          const float v0 = to_float(vcol[j * C::kRowStride]);
-          const float v1 = to_float(vcol[j * C::kRowStride + 1]);
+        for (int c = 0; c < C::kCols; ++c) v[c] = to_float(raw.v[c]);
 #pragma unroll
-          for (int i = 0; i < C::kRowsPerGroup; ++i) {
-            const float pr = s_smem[(rgroup * C::kRowsPerGroup + i) * (C::kTile + 1) + j];
-            acc[i][0] = fmaf(pr, v0, acc[i][0]);
-            acc[i][1] = fmaf(pr, v1, acc[i][1]);
+        for (int r = 0; r < kDecodeRows; ++r) {
+          if (r < rows) {
+            const float pr = prow[r * (C::kTile + 1) + j];
+#pragma unroll
+            for (int c = 0; c < C::kCols; ++c) acc[r][c] = fmaf(pr, v[c], acc[r][c]);
           }
         }
       }
     }
     cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();  // every warp is done with the tiles and q_smem: the merge buffer overlays them
 
-    // Normalise and write: `out` directly with one split, else the fp32 partial and its LSE.
-    if (pv_active) {
+    // Each warp's unnormalised partial O and (m, l) per row, then the merge over warps.
+    if (lane < rows) {
+      warp_m[warp][lane] = m_mine;
+      warp_l[warp][lane] = l_mine;
+    }
 #pragma unroll
-      for (int i = 0; i < C::kRowsPerGroup; ++i) {
-        const int r = rgroup * C::kRowsPerGroup + i;
-        if (r >= rows) continue;
-        const int row = pass + r, tok = qt.q_start + qt.begin + row / group;
-        const int head = kv_head * group + row % group;
-        const float l = row_l[r];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int d0 = 2 * pair;
-        if (dp.num_splits == 1) {
-          T* o = static_cast<T*>(p.out) + tok * p.out_stride_token + head * p.out_stride_head;
-          if (d0 < D) o[d0] = from_float<T>(acc[i][0] * inv);
-          if (d0 + 1 < D) o[d0 + 1] = from_float<T>(acc[i][1] * inv);
-          if (pair == 0 && p.lse != nullptr) {
-            p.lse[int64_t(tok) * p.num_heads + head] = l > 0.f ? row_m[r] + __logf(l) : kNegInf;
-          }
-        } else {
-          const int64_t idx = (int64_t(split) * p.total_q + tok) * p.num_heads + head;
-          float* o = dp.partial_out + idx * D;
-          if (d0 < D) o[d0] = acc[i][0] * inv;
-          if (d0 + 1 < D) o[d0 + 1] = acc[i][1] * inv;
-          if (pair == 0) dp.partial_lse[idx] = l > 0.f ? row_m[r] + __logf(l) : kNegInf;
+    for (int r = 0; r < kDecodeRows; ++r) {
+      if (r < rows) {
+#pragma unroll
+        for (int c = 0; c < C::kCols; ++c) {
+          merge[(warp * kDecodeRows + r) * kHeadDim + lane * C::kCols + c] = acc[r][c];
         }
       }
     }
     __syncthreads();
+    for (int idx = tid; idx < rows * kHeadDim; idx += kDecodeThreads) {
+      const int r = idx / kHeadDim, d = idx % kHeadDim;
+      if (d >= D) continue;
+      float mx = kNegInf;
+#pragma unroll
+      for (int w = 0; w < C::kWarps; ++w) mx = fmaxf(mx, warp_m[w][r]);
+      const float m_use = mx == kNegInf ? 0.f : mx;
+      float l_sum = 0.f, o = 0.f;
+#pragma unroll
+      for (int w = 0; w < C::kWarps; ++w) {
+        const float e = __expf(warp_m[w][r] - m_use);
+        l_sum += warp_l[w][r] * e;
+        o += e * merge[(w * kDecodeRows + r) * kHeadDim + d];
+      }
+      const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
+      const float lse = l_sum > 0.f ? mx + __logf(l_sum) : kNegInf;
+      // Normalise and write: `out` directly with one split, else the fp32 partial and its LSE.
+      const int row = pass + r, tok = qt.q_start + qt.begin + row / group;
+      const int head = kv_head * group + row % group;
+      if (dp.num_splits == 1) {
+        static_cast<T*>(p.out)[tok * p.out_stride_token + head * p.out_stride_head + d] =
+            from_float<T>(o * inv);
+        if (d == 0 && p.lse != nullptr) p.lse[int64_t(tok) * p.num_heads + head] = lse;
+      } else {
+        const int64_t at = (int64_t(split) * p.total_q + tok) * p.num_heads + head;
+        dp.partial_out[at * D + d] = o * inv;
+        if (d == 0) dp.partial_lse[at] = lse;
+      }
+    }
+    __syncthreads();  // the merge has read what the next pass's setup and tiles overwrite
   }
 }
 
@@ -344,10 +384,11 @@ inline int decode_tile_q(int64_t group) {
 }
 
 // Splits so that the grid fills the GPU about once: live CTAs (query tiles x KV heads) times splits
-// ~ 2 waves of `sm_count`, at most kMaxSplits and no more than one split per 256 keys of the longest
-// possible sequence (max_k_len, from shapes only: block_tables.size(1) * block_size).
-inline int decode_num_splits(int64_t live_ctas, int64_t max_k_len, int sm_count) {
-  const int64_t target = 2 * int64_t(sm_count);
+// ~ one wave of sm_count x ctas_per_sm (the CTAs of this kernel one SM holds at once:
+// decode_ctas_per_sm), at most kMaxSplits and no more than one split per 256 keys of the longest
+// sequence (max_k_len: the caller's max_seqlen_kv, else what the block tables can hold).
+inline int decode_num_splits(int64_t live_ctas, int64_t max_k_len, int sm_count, int ctas_per_sm) {
+  const int64_t target = int64_t(sm_count) * std::max(1, ctas_per_sm);
   int64_t s = (target + live_ctas - 1) / std::max<int64_t>(1, live_ctas);
   s = std::min<int64_t>(s, (max_k_len + 255) / 256);
   return int(std::max<int64_t>(1, std::min<int64_t>(s, cuda::kMaxSplits)));
