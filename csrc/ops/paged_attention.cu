@@ -18,9 +18,11 @@
 namespace kv_paged {
 namespace {
 
+// kHeadDim: the prefill kernel's (prefill_head_dim); the decode kernel pads 80 and 96 into 128.
 template <typename T, int kHeadDim>
 cudaError_t run_paged(const AttentionProblem& prob, bool use_prefill, DecodeAttentionParams& dp,
                       cudaStream_t stream) {
+  constexpr int kDecodeHeadDim = kHeadDim == 80 || kHeadDim == 96 ? 128 : kHeadDim;
   if constexpr (!std::is_same_v<T, float>) {
     if (use_prefill) {
       PrefillAttentionParams pp{prob};
@@ -29,14 +31,16 @@ cudaError_t run_paged(const AttentionProblem& prob, bool use_prefill, DecodeAtte
       if (err != cudaSuccess) return err;
     }
   }
-  return launch_decode_attention<T, kHeadDim, true>(dp, stream);
+  return launch_decode_attention<T, kDecodeHeadDim, true>(dp, stream);
 }
 
 template <typename T>
 cudaError_t run_paged_head_dim(const AttentionProblem& prob, bool use_prefill,
                                DecodeAttentionParams& dp, cudaStream_t stream) {
-  switch (prob.head_dim <= 64 ? 64 : prob.head_dim <= 128 ? 128 : 256) {
+  switch (prefill_head_dim(prob.head_dim)) {
     case 64: return run_paged<T, 64>(prob, use_prefill, dp, stream);
+    case 80: return run_paged<T, 80>(prob, use_prefill, dp, stream);
+    case 96: return run_paged<T, 96>(prob, use_prefill, dp, stream);
     case 128: return run_paged<T, 128>(prob, use_prefill, dp, stream);
     default: return run_paged<T, 256>(prob, use_prefill, dp, stream);
   }
