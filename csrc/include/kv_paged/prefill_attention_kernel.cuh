@@ -163,6 +163,11 @@ __global__ void __launch_bounds__(PrefillConfig<T, kHeadDim>::kThreads)
   const int warp_last = min(warp * 16 + 15, qt.count - 1);
   const int inner_lo = visible_span(pos0 + warp_last, kv.k_len, p.causal, window).lo;
   const int inner_hi = visible_span(pos0 + warp * 16, kv.k_len, p.causal, window).hi;
+  const bool logs = pp.tile_log != nullptr && blockIdx.y == 0 && tid == 0;  // tests only
+  if (logs) {
+    int32_t* e = pp.tile_log + 4 * blockIdx.x;
+    e[0] = qt.seq, e[1] = qt.begin, e[2] = n_tiles, e[3] = 0;
+  }
 
   auto issue = [&](int tile) {
     const int stage = tile & 1;
@@ -183,8 +188,6 @@ __global__ void __launch_bounds__(PrefillConfig<T, kHeadDim>::kThreads)
 #pragma unroll
   for (int i = 0; i < C::kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
-  float m_scaled[2] = {0.f, 0.f};  // m * mult, 0 while the row has seen no key
-  int interior_tiles = 0;          // tests only (tile_log)
 
   if (n_tiles > 0) issue(0);
   for (int it = 0; it < n_tiles; ++it) {
@@ -227,7 +230,7 @@ __global__ void __launch_bounds__(PrefillConfig<T, kHeadDim>::kThreads)
       }
     }
     const bool interior = t0 >= inner_lo && t0 + C::kBlockN <= inner_hi;
-    interior_tiles += interior;
+    if (logs) pp.tile_log[4 * blockIdx.x + 3] += interior;
     if (!interior && !KV_PAGED_PLANTED_FAULT("prefill-all-interior")) {
 #pragma unroll
       for (int n = 0; n < C::kNTiles; ++n) {
@@ -256,7 +259,7 @@ __global__ void __launch_bounds__(PrefillConfig<T, kHeadDim>::kThreads)
       const float ms_new = m_new == kNegInf ? 0.f : m_new * logit.mult;
       alpha[h] = exp2f(m[h] * logit.mult - ms_new);  // 0 while m[h] = -inf (mult > 0)
       m[h] = m_new;
-      m_scaled[h] = ms_new;
+      mx[h] = ms_new;  // reused below as the exponent offset
       l[h] *= alpha[h];
     }
 #pragma unroll
@@ -264,7 +267,7 @@ __global__ void __launch_bounds__(PrefillConfig<T, kHeadDim>::kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e >> 1;
-        s[n][e] = exp2f(fmaf(s[n][e], logit.mult, -m_scaled[h]));
+        s[n][e] = exp2f(fmaf(s[n][e], logit.mult, -mx[h]));
         l[h] += s[n][e];
       }
     }
@@ -296,10 +299,6 @@ __global__ void __launch_bounds__(PrefillConfig<T, kHeadDim>::kThreads)
     __syncthreads();  // the next iteration's copies overwrite this stage
   }
   cp_async_wait<0>();
-  if (pp.tile_log != nullptr && blockIdx.y == 0 && tid == 0) {
-    int32_t* e = pp.tile_log + 4 * blockIdx.x;
-    e[0] = qt.seq, e[1] = qt.begin, e[2] = n_tiles, e[3] = interior_tiles;
-  }
   // Q's rows take O next: every warp's last read of Q and every thread's Q copy (still in flight
   // when there was no K/V tile) must be done.
   __syncthreads();
@@ -324,7 +323,7 @@ __global__ void __launch_bounds__(PrefillConfig<T, kHeadDim>::kThreads)
     if (p.lse != nullptr && tig == 0 && r < qt.count) {
       constexpr float kLn2 = 0.6931471805599453f;
       p.lse[(row0 + r) * p.num_heads + head] =
-          l[h] > 0.f ? (m_scaled[h] + log2f(l[h])) * kLn2 : kNegInf;
+          l[h] > 0.f ? (m[h] * logit.mult + log2f(l[h])) * kLn2 : kNegInf;
     }
   }
   __syncthreads();  // the 16-byte stores read rows other warps wrote
