@@ -252,11 +252,15 @@ def test_paged_decode_route(dtype, D, H, Hkv, bs, gen):
 
 
 @pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("D,H,Hkv,bs", [(128, 8, 2, 16), (64, 4, 4, 32), (256, 4, 1, 16)])
+@pytest.mark.parametrize(
+    "D,H,Hkv,bs",
+    [(128, 8, 2, 16), (64, 4, 4, 32), (256, 4, 1, 16), (80, 4, 2, 16), (96, 6, 2, 32)],
+)
 @pytest.mark.parametrize("kv_fused", [False, True])
 def test_paged_prefill_route(dtype, D, H, Hkv, bs, kv_fused, gen):
     """Chunked prefill over a cached prefix mixed with decode rows and an empty sequence: the
-    tensor-core kernel through the block table; chunk lengths are no multiple of 64."""
+    tensor-core kernel through the block table (unpadded kernels for head_dim 80 and 96); chunk
+    lengths are no multiple of the 64- or 128-row query tiles."""
     lens, q_lens = [130, 1, 700, 0, 65], [130, 1, 97, 0, 3]
     b = make_paged_batch(lens, q_lens, H, Hkv, D, bs, dtype, DEV, gen, kv_fused=kv_fused)
     for kw in [
@@ -345,7 +349,9 @@ FLASH_CASES = [  # (dtype, head_dim, num_heads, num_kv_heads)
     (torch.float16, 64, 4, 4),
     (torch.bfloat16, 256, 4, 1),
     (torch.float16, 36, 6, 2),  # 72-byte rows: the zero-padded copy path
-    (torch.bfloat16, 80, 2, 1),  # kernel head_dim 128, padded in shared memory
+    (torch.bfloat16, 80, 2, 1),  # the unpadded head_dim 80 kernel
+    (torch.float16, 96, 4, 2),  # the unpadded head_dim 96 kernel
+    (torch.bfloat16, 72, 2, 2),  # kernel head_dim 80, padded in shared memory
     (torch.float32, 128, 4, 2),
     (torch.float32, 72, 2, 1),
 ]

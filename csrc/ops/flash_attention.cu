@@ -18,10 +18,12 @@ namespace kv_paged {
 namespace {
 
 // fp16/bf16 -> prefill kernel; fp32 -> split-KV kernel (dp carries the split scratch).
+// kHeadDim: the prefill kernel's (prefill_head_dim); the decode kernel pads 80 and 96 into 128.
 template <typename T, int kHeadDim>
 cudaError_t run_flash(const AttentionProblem& prob, DecodeAttentionParams& dp, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
-    return launch_decode_attention<T, kHeadDim, false>(dp, stream);
+    constexpr int kDecodeHeadDim = kHeadDim == 80 || kHeadDim == 96 ? 128 : kHeadDim;
+    return launch_decode_attention<T, kDecodeHeadDim, false>(dp, stream);
   } else {
     return launch_prefill_attention<T, kHeadDim, false>({prob}, stream);
   }
@@ -30,8 +32,10 @@ cudaError_t run_flash(const AttentionProblem& prob, DecodeAttentionParams& dp, c
 template <typename T>
 cudaError_t run_flash_head_dim(const AttentionProblem& prob, DecodeAttentionParams& dp,
                                cudaStream_t stream) {
-  switch (prob.head_dim <= 64 ? 64 : prob.head_dim <= 128 ? 128 : 256) {
+  switch (prefill_head_dim(prob.head_dim)) {
     case 64: return run_flash<T, 64>(prob, dp, stream);
+    case 80: return run_flash<T, 80>(prob, dp, stream);
+    case 96: return run_flash<T, 96>(prob, dp, stream);
     case 128: return run_flash<T, 128>(prob, dp, stream);
     default: return run_flash<T, 256>(prob, dp, stream);
   }

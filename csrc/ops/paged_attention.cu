@@ -43,9 +43,11 @@ int decode_occupancy(bool tensor_cores) {
   return tensor;
 }
 
+// kHeadDim: the prefill kernel's (prefill_head_dim); the decode kernel pads 80 and 96 into 128.
 template <typename T, int kHeadDim>
 cudaError_t run_paged(const AttentionProblem& prob, bool use_prefill, DecodeAttentionParams& dp,
                       const DecodeSplitInputs& in, cudaStream_t stream) {
+  constexpr int kDecodeHeadDim = kHeadDim == 80 || kHeadDim == 96 ? 128 : kHeadDim;
   if constexpr (!std::is_same_v<T, float>) {
     if (use_prefill) {
       PrefillAttentionParams pp{prob};
@@ -55,7 +57,7 @@ cudaError_t run_paged(const AttentionProblem& prob, bool use_prefill, DecodeAtte
     }
   }
   dp.num_splits = decode_num_splits(in.live_ctas, in.max_k_len, in.sm_count,
-                                    decode_occupancy<T, kHeadDim>(dp.tensor_cores));
+                                    decode_occupancy<T, kDecodeHeadDim>(dp.tensor_cores));
   at::Tensor partial_out, partial_lse;  // freed after the launch: stream-ordered by the allocator
   if (dp.num_splits > 1) {
     partial_out = at::empty({dp.num_splits, prob.total_q, prob.num_heads, prob.head_dim}, in.f32);
@@ -63,15 +65,17 @@ cudaError_t run_paged(const AttentionProblem& prob, bool use_prefill, DecodeAtte
     dp.partial_out = partial_out.data_ptr<float>();
     dp.partial_lse = partial_lse.data_ptr<float>();
   }
-  return launch_decode_attention_path<T, kHeadDim, true>(dp, stream);
+  return launch_decode_attention_path<T, kDecodeHeadDim, true>(dp, stream);
 }
 
 template <typename T>
 cudaError_t run_paged_head_dim(const AttentionProblem& prob, bool use_prefill,
                                DecodeAttentionParams& dp, const DecodeSplitInputs& in,
                                cudaStream_t stream) {
-  switch (prob.head_dim <= 64 ? 64 : prob.head_dim <= 128 ? 128 : 256) {
+  switch (prefill_head_dim(prob.head_dim)) {
     case 64: return run_paged<T, 64>(prob, use_prefill, dp, in, stream);
+    case 80: return run_paged<T, 80>(prob, use_prefill, dp, in, stream);
+    case 96: return run_paged<T, 96>(prob, use_prefill, dp, in, stream);
     case 128: return run_paged<T, 128>(prob, use_prefill, dp, in, stream);
     default: return run_paged<T, 256>(prob, use_prefill, dp, in, stream);
   }

@@ -36,6 +36,10 @@ struct Operands {
 // Returns this lane's 4 result words.
 const uint32_t* warp_op(Op op, const Operands& mine, const char* file, int line);
 
+// True (and counted as a hit) when `name` is the fault planted by --fault: the kernels' named
+// faults (KV_PAGED_PLANTED_FAULT), such as skipping the prefill kernel's edge-tile masks.
+bool planted_fault(const char* name);
+
 void cp_async_16(void* smem, const void* gmem, bool valid);
 void cp_async_commit();
 void cp_async_wait(int n);
@@ -123,6 +127,7 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, i
 #define KV_PAGED_DYNAMIC_SMEM(name) unsigned char* name = ::kvemu::dynamic_smem()
 #define KV_PAGED_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::kvemu::launch(kernel, grid, block, smem, stream, __VA_ARGS__)
+#define KV_PAGED_PLANTED_FAULT(name) ::kvemu::planted_fault(name)
 
 namespace kv_paged {
 namespace cuda {

@@ -286,6 +286,11 @@ void set_options(const Options& o) { g_opt = o; }
 int emulator_errors() { return g_errors; }
 void reset_emulator_errors() { g_errors = 0; }
 long fault_hits() { return g_fault_hits; }
+bool planted_fault(const char* name) {
+  if (g_opt.fault != name) return false;
+  ++g_fault_hits;
+  return true;
+}
 const char* schedule_name(Schedule s) {
   switch (s) {
     case Schedule::kRoundRobin: return "round-robin";

@@ -21,6 +21,8 @@ struct Options {
   //   "mma-a-swap"          mma.sync gets A fragment registers 1 and 2 swapped
   //   "ldmatrix-no-trans"   ldmatrix .trans loads untransposed (the kernel calling the wrong one)
   //   "weak-wait"           cp.async.wait_group N retires one group fewer than it must
+  //   "<kernel fault>"      a KV_PAGED_PLANTED_FAULT(name) of a kernel header is true, e.g.
+  //                         "prefill-all-interior" (no edge-tile masks), "prefill-forward-order"
   std::string fault;
 };
 

@@ -18,15 +18,16 @@ namespace {
 using kv_paged::cuda::SeqFilter;
 
 // served[b]: 1 = the decode kernel computed sequence b (| 4 on its tensor-core path), 2 = the
-// prefill kernel, 0 = neither.
-template <typename T, int KD>
+// prefill kernel, 0 = neither. KP, KD: the head_dim of the prefill and of the decode kernel, as
+// paged_attention.cu picks them.
+template <typename T, int KP, int KD>
 cudaError_t launch_routed(const AttnData<T>& a, int num_splits, std::vector<int32_t>& served,
                           std::vector<float>& po, std::vector<float>& pl) {
   served.assign(a.c.seqs.size(), 0);
   kv_paged::PrefillAttentionParams pp{a.prob};
   pp.filter = SeqFilter::kMultiQuery;
   pp.served = served.data();
-  cudaError_t err = kv_paged::launch_prefill_attention<T, KD, true>(pp, nullptr);
+  cudaError_t err = kv_paged::launch_prefill_attention<T, KP, true>(pp, nullptr);
   if (err != cudaSuccess) return err;
   kv_paged::DecodeAttentionParams dp;
   dp.prob = a.prob;
@@ -52,10 +53,14 @@ void run_routed(const AttnCase& c, std::mt19937& rng) {
   std::vector<int32_t> served;
   std::vector<float> po, pl;
   const int D = c.head_dim;
-  const cudaError_t err =
-      D <= 64    ? launch_routed<T, 64>(a, c.num_splits, served, po, pl)
-      : D <= 128 ? launch_routed<T, 128>(a, c.num_splits, served, po, pl)
-                 : launch_routed<T, 256>(a, c.num_splits, served, po, pl);
+  cudaError_t err;
+  switch (kv_paged::prefill_head_dim(D)) {
+    case 64: err = launch_routed<T, 64, 64>(a, c.num_splits, served, po, pl); break;
+    case 80: err = launch_routed<T, 80, 128>(a, c.num_splits, served, po, pl); break;
+    case 96: err = launch_routed<T, 96, 128>(a, c.num_splits, served, po, pl); break;
+    case 128: err = launch_routed<T, 128, 128>(a, c.num_splits, served, po, pl); break;
+    default: err = launch_routed<T, 256, 256>(a, c.num_splits, served, po, pl); break;
+  }
   std::string bad = err != cudaSuccess ? "launch failed" : a.check();
   for (size_t b = 0; b < c.seqs.size() && err == cudaSuccess; ++b) {
     const int q_len = c.seqs[b].first;
@@ -84,7 +89,7 @@ void run_routing_cases(const std::string& filter) {
   c = C(256, 2, 1, {{1, 20}, {2, 45}}, true, 16);  // d256, a two-query "prefill"
   c.window = 16, c.softcap = 30.f;
   add(__half(), c);
-  c = C(96, 4, 4, {{33, 80}, {1, 14}}, true, 4);  // d96 padded into the 128 kernels, MHA
+  c = C(96, 4, 4, {{33, 80}, {1, 14}}, true, 4);  // d96: its own prefill kernel, decode's 128, MHA
   c.num_splits = 2;
   add(__nv_bfloat16(), c);
   c = C(64, 20, 4, {{1, 45}, {6, 30}, {1, 17}, {1, 1}}, true, 3);  // GQA 5: tensor-core decode

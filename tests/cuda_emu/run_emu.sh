@@ -47,6 +47,7 @@ for sched in round-robin reverse warp-alone; do
 done
 # Planted faults: each must make some case fail (exit 1); exit 3 = the fault never fired.
 # barrier:<file>#<k> drops the k-th distinct __syncthreads of the file in order of first execution.
+# Other names are a kernel's KV_PAGED_PLANTED_FAULT(name) switches.
 faults=(
   "--suites decode --schedule warp-alone --fault barrier:decode_attention_kernel.cuh#1"  # setup -> tiles
   "--suites decode --schedule warp-alone --fault barrier:decode_attention_kernel.cuh#2"  # tiles -> merge buffer overlay
@@ -60,6 +61,10 @@ faults=(
   "--suites decode --fault ldmatrix-no-trans"
   "--suites prefill --schedule reverse --fault barrier:prefill_attention_kernel.cuh#1"   # copies -> mma
   "--suites prefill --schedule warp-alone --fault barrier:prefill_attention_kernel.cuh#2" # reads -> overwrite
+  "--suites prefill --deferred --schedule warp-alone --fault barrier:prefill_attention_kernel.cuh#3" # Q copies -> O staging
+  "--suites prefill --schedule warp-alone --fault barrier:prefill_attention_kernel.cuh#4" # O staged -> 16-B stores
+  "--suites prefill --fault prefill-all-interior"   # every K/V tile taken as interior: no masks
+  "--suites prefill --fault prefill-forward-order"  # causal tiles in forward (shortest-first) order
   "--suites prefill --fault mma-a-swap"
   "--suites prefill --fault ldmatrix-no-trans"
   "--suites decode,prefill --deferred --fault weak-wait"

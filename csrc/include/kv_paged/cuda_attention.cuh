@@ -258,13 +258,15 @@ inline AttentionProblem make_problem(const FlashAttentionParams& s) {
   return p;
 }
 
-// True when every K/V/Q row start is 16-byte aligned, so 16-byte async copies may be used.
+// True when every K/V/Q/out row start is 16-byte aligned, so 16-byte async copies (and the
+// prefill kernel's 16-byte output stores) may be used.
 template <bool kPaged>
 inline bool rows_16b_aligned(const AttentionProblem& p, int64_t elem_bytes) {
   auto a = [&](int64_t v) { return (v * elem_bytes) % 16 == 0; };
   auto ptr = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
-  bool ok = ptr(p.q) && ptr(p.k) && ptr(p.v) && a(p.head_dim) && a(p.q_stride_token) &&
-            a(p.q_stride_head);
+  bool ok = ptr(p.q) && ptr(p.k) && ptr(p.v) && ptr(p.out) && a(p.head_dim) &&
+            a(p.q_stride_token) && a(p.q_stride_head) && a(p.out_stride_token) &&
+            a(p.out_stride_head);
   if constexpr (kPaged) {
     const CacheLayout& k = p.paged.k_layout;
     const CacheLayout& v = p.paged.v_layout;

@@ -19,6 +19,9 @@
 #define KV_PAGED_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #define KV_PAGED_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+// A named fault the emulator can plant to prove a test catches it (tests/cuda_emu/run_emu.sh);
+// always false on the GPU, so the compiler drops it.
+#define KV_PAGED_PLANTED_FAULT(name) false
 #endif
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
