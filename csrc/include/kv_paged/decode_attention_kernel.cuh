@@ -394,27 +394,36 @@ inline int decode_num_splits(int64_t live_ctas, int64_t max_k_len, int sm_count,
   return int(std::max<int64_t>(1, std::min<int64_t>(s, cuda::kMaxSplits)));
 }
 
+namespace cuda {
+// The launch both decode paths share: `kernel` (threads per CTA, dynamic shared memory) over the
+// grid (query tiles, KV heads, splits), then merge_splits_kernel<T> when num_splits > 1.
+template <typename T, typename Kernel>
+cudaError_t launch_split_kv(Kernel kernel, int threads, size_t smem_bytes,
+                            const DecodeAttentionParams& dp, cudaStream_t stream) {
+  const AttentionProblem& p = dp.prob;
+  if (p.total_q == 0 || p.num_seqs == 0) return cudaSuccess;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes));
+  if (err != cudaSuccess) return err;
+  const bool single = dp.filter == SeqFilter::kSingleQuery;
+  const int64_t tiles = single ? p.num_seqs : num_virtual_tiles(p.total_q, p.num_seqs, dp.tile_q);
+  const dim3 grid(unsigned(tiles), unsigned(p.num_kv_heads), unsigned(dp.num_splits));
+  KV_PAGED_LAUNCH(kernel, grid, threads, smem_bytes, stream, dp);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || dp.num_splits == 1) return err;
+  const dim3 merge_grid(unsigned(single ? p.num_seqs : p.total_q), unsigned(p.num_heads));
+  KV_PAGED_LAUNCH(merge_splits_kernel<T>, merge_grid, 128, 0, stream, dp);
+  return cudaGetLastError();
+}
+}  // namespace cuda
+
 // Launches the split-KV kernel (and the merge when num_splits > 1) on `stream`. The caller fills
 // dp.num_splits, dp.tile_q, dp.vec_ok and, for num_splits > 1, the partial buffers.
 template <typename T, int kHeadDim, bool kPaged>
 cudaError_t launch_decode_attention(const DecodeAttentionParams& dp, cudaStream_t stream) {
-  using C = cuda::DecodeConfig<T, kHeadDim>;
-  const AttentionProblem& p = dp.prob;
-  if (p.total_q == 0 || p.num_seqs == 0) return cudaSuccess;
-  auto kernel = cuda::decode_attention_kernel<T, kHeadDim, kPaged>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(C::smem_bytes));
-  if (err != cudaSuccess) return err;
-  const bool single = dp.filter == cuda::SeqFilter::kSingleQuery;
-  const int64_t tiles =
-      single ? p.num_seqs : cuda::num_virtual_tiles(p.total_q, p.num_seqs, dp.tile_q);
-  const dim3 grid(unsigned(tiles), unsigned(p.num_kv_heads), unsigned(dp.num_splits));
-  KV_PAGED_LAUNCH(kernel, grid, cuda::kDecodeThreads, C::smem_bytes, stream, dp);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || dp.num_splits == 1) return err;
-  const dim3 merge_grid(unsigned(single ? p.num_seqs : p.total_q), unsigned(p.num_heads));
-  KV_PAGED_LAUNCH(cuda::merge_splits_kernel<T>, merge_grid, 128, 0, stream, dp);
-  return cudaGetLastError();
+  return cuda::launch_split_kv<T>(cuda::decode_attention_kernel<T, kHeadDim, kPaged>,
+                                  cuda::kDecodeThreads, cuda::DecodeConfig<T, kHeadDim>::smem_bytes,
+                                  dp, stream);
 }
 
 }  // namespace kv_paged

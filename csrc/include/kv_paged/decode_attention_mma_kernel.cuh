@@ -298,23 +298,9 @@ inline bool decode_use_tensor_cores(int64_t group, int64_t elem_bytes, bool vec_
 // dp as for launch_decode_attention (dp.tile_q = decode_tile_q(group): 16 rows per pass as well).
 template <typename T, int kHeadDim, bool kPaged>
 cudaError_t launch_decode_attention_mma(const DecodeAttentionParams& dp, cudaStream_t stream) {
-  using C = cuda::MmaDecodeConfig<T, kHeadDim>;
-  const AttentionProblem& p = dp.prob;
-  if (p.total_q == 0 || p.num_seqs == 0) return cudaSuccess;
-  auto kernel = cuda::decode_attention_mma_kernel<T, kHeadDim, kPaged>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(C::smem_bytes));
-  if (err != cudaSuccess) return err;
-  const bool single = dp.filter == cuda::SeqFilter::kSingleQuery;
-  const int64_t tiles =
-      single ? p.num_seqs : cuda::num_virtual_tiles(p.total_q, p.num_seqs, dp.tile_q);
-  const dim3 grid(unsigned(tiles), unsigned(p.num_kv_heads), unsigned(dp.num_splits));
-  KV_PAGED_LAUNCH(kernel, grid, cuda::kMmaDecodeThreads, C::smem_bytes, stream, dp);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || dp.num_splits == 1) return err;
-  const dim3 merge_grid(unsigned(single ? p.num_seqs : p.total_q), unsigned(p.num_heads));
-  KV_PAGED_LAUNCH(cuda::merge_splits_kernel<T>, merge_grid, 128, 0, stream, dp);
-  return cudaGetLastError();
+  return cuda::launch_split_kv<T>(cuda::decode_attention_mma_kernel<T, kHeadDim, kPaged>,
+                                  cuda::kMmaDecodeThreads,
+                                  cuda::MmaDecodeConfig<T, kHeadDim>::smem_bytes, dp, stream);
 }
 
 // How many CTAs of the decode path `tensor_cores` names one SM holds at once (registers, shared
