@@ -53,7 +53,8 @@ struct AttentionScratch {
   AttentionScratch(int64_t max_rows, int64_t tile_, int64_t head_dim_, int64_t heads_ = 1)
       : head_dim(head_dim_), tile(tile_), heads(heads_), q(max_rows * head_dim_),
         acc(max_rows * head_dim_), scores(max_rows * tile_), m(max_rows), l(max_rows),
-        row(4 * head_dim_), kv_tile(tile_ * head_dim_), spans(max_rows), row_lo(max_rows), row_hi(max_rows) {}
+        row(4 * head_dim_), kv_tile(tile_ * head_dim_), spans(max_rows), row_lo(max_rows),
+        row_hi(max_rows) {}
 };
 
 // Asks for the cache lines of `bytes` bytes ahead of use.
@@ -100,43 +101,49 @@ inline bool sees_whole_tile(const AttentionScratch& s, int64_t rows, int64_t jb,
   return true;
 }
 
-// Logits of keys [jb, j1) (tile starting at j0) for every row, in memory order of K four keys at
-// a time (keys, then heads), each K row converted once for the rows of its head.
-template <typename T>
-void whole_tile_logits(AttentionScratch& s, int64_t rows_per_head, int64_t j0, int64_t jb,
-                       int64_t j1, const T* const* k_src, int64_t k_head_stride) {
-  const int64_t D = s.head_dim, tile = s.tile;
+// Walks keys [jb, j1) of the tile starting at j0 in memory order, four keys at a time (keys, then
+// heads): body(hh, j - j0, rows, nj) gets the nj <= 4 K or V rows of head hh, each converted once
+// for all rows of its head.
+template <typename T, typename Body>
+void for_each_key_group(AttentionScratch& s, int64_t j0, int64_t jb, int64_t j1,
+                        const T* const* src, int64_t head_stride, Body&& body) {
+  const int64_t D = s.head_dim;
   for (int64_t j = jb; j < j1; j += 4) {
     const int64_t nj = std::min<int64_t>(4, j1 - j);
     for (int64_t hh = 0; hh < s.heads; ++hh) {
-      decltype(as_operand(k_src[0], s.row.data(), D)) k[4];
+      decltype(as_operand(src[0], s.row.data(), D)) rows[4];
       for (int64_t i = 0; i < nj; ++i) {
-        k[i] = as_operand(k_src[j - j0 + i] + hh * k_head_stride, s.row.data() + i * D, D);
+        rows[i] = as_operand(src[j - j0 + i] + hh * head_stride, s.row.data() + i * D, D);
       }
-      const int64_t r0 = hh * rows_per_head;
-      logits_rows(s.q.data() + r0 * D, rows_per_head, k, nj, D,
-                  s.scores.data() + r0 * tile + (j - j0), tile);
+      body(hh, j - j0, rows, nj);
     }
   }
 }
 
-// acc += P @ V over keys [jb, j1) for every row, in memory order of V four keys at a time.
+// Logits of keys [jb, j1) for every row (sees_whole_tile) through the register blocks.
+template <typename T>
+void whole_tile_logits(AttentionScratch& s, int64_t rows_per_head, int64_t j0, int64_t jb,
+                       int64_t j1, const T* const* k_src, int64_t k_head_stride) {
+  const int64_t D = s.head_dim, tile = s.tile;
+  auto block = [&](int64_t hh, int64_t jt, auto k, int64_t nj) {
+    const int64_t r0 = hh * rows_per_head;
+    logits_rows(s.q.data() + r0 * D, rows_per_head, k, nj, D, s.scores.data() + r0 * tile + jt,
+                tile);
+  };
+  for_each_key_group(s, j0, jb, j1, k_src, k_head_stride, block);
+}
+
+// acc += P @ V over keys [jb, j1) for every row through the register blocks.
 template <typename T>
 void whole_tile_values(AttentionScratch& s, int64_t rows_per_head, int64_t j0, int64_t jb,
                        int64_t j1, const T* const* v_src, int64_t v_head_stride) {
   const int64_t D = s.head_dim, tile = s.tile;
-  for (int64_t j = jb; j < j1; j += 4) {
-    const int64_t nj = std::min<int64_t>(4, j1 - j);
-    for (int64_t hh = 0; hh < s.heads; ++hh) {
-      decltype(as_operand(v_src[0], s.row.data(), D)) v[4];
-      for (int64_t i = 0; i < nj; ++i) {
-        v[i] = as_operand(v_src[j - j0 + i] + hh * v_head_stride, s.row.data() + i * D, D);
-      }
-      const int64_t r0 = hh * rows_per_head;
-      values_rows(s.acc.data() + r0 * D, rows_per_head, s.scores.data() + r0 * tile + (j - j0),
-                  tile, v, nj, D);
-    }
-  }
+  auto block = [&](int64_t hh, int64_t jt, auto v, int64_t nj) {
+    const int64_t r0 = hh * rows_per_head;
+    values_rows(s.acc.data() + r0 * D, rows_per_head, s.scores.data() + r0 * tile + jt, tile, v,
+                nj, D);
+  };
+  for_each_key_group(s, j0, jb, j1, v_src, v_head_stride, block);
 }
 
 // Rows per head from which a whole tile's two products run as GEMMs (tile_gemm.h's 4 x 16 register
@@ -169,7 +176,9 @@ void gemm_tile_values(AttentionScratch& s, int64_t rows_per_head, int64_t j0, in
   const int64_t D = s.head_dim, tile = s.tile, n = j1 - jb;
   float* vt = s.kv_tile.data();
   for (int64_t hh = 0; hh < s.heads; ++hh) {
-    for (int64_t i = 0; i < n; ++i) load_row(v_src[jb - j0 + i] + hh * v_head_stride, vt + i * D, D);
+    for (int64_t i = 0; i < n; ++i) {
+      load_row(v_src[jb - j0 + i] + hh * v_head_stride, vt + i * D, D);
+    }
     const int64_t r0 = hh * rows_per_head;
     gemm_acc(s.acc.data() + r0 * D, D, s.scores.data() + r0 * tile + (jb - j0), tile, 1, vt, D,
              rows_per_head, D, n);
