@@ -24,18 +24,22 @@ def _thp_mode() -> str | None:
     return m[1] if m else None
 
 
-def _huge_bytes(t: torch.Tensor) -> int:
-    """Bytes of t's storage backed by huge pages, from /proc/self/smaps (AnonHugePages of every
-    mapping overlapping it; advising splits the allocation's mapping in three)."""
+def _advised_bytes(t: torch.Tensor) -> int:
+    """Bytes of t's storage in mappings advised MADV_HUGEPAGE ("hg" in their VmFlags, from
+    /proc/self/smaps; advising splits the allocation's mapping in three). The advice is what
+    kv_paged controls; whether the kernel then backs it with huge pages depends on free contiguous
+    memory at fault time (a fragmented machine falls back to 4 KiB pages), so that is not asserted:
+    a check of AnonHugePages failed 1 run in 4 after a long test run here."""
     lo = t.untyped_storage().data_ptr()
     hi = lo + t.untyped_storage().nbytes()
-    total, overlaps = 0, False
+    total, span = 0, None
     for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
         m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
         if m:
-            overlaps = int(m[1], 16) < hi and int(m[2], 16) > lo
-        elif overlaps and line.startswith("AnonHugePages:"):
-            total += int(line.split()[1]) * 1024
+            start, end = int(m[1], 16), int(m[2], 16)
+            span = (max(start, lo), min(end, hi)) if start < hi and end > lo else None
+        elif span and line.startswith("VmFlags:") and "hg" in line.split()[1:]:
+            total += span[1] - span[0]
     return total
 
 
@@ -46,7 +50,7 @@ needs_thp = pytest.mark.skipif(
 
 
 @needs_thp
-def test_pool_on_huge_pages():
+def test_pool_advised_onto_huge_pages():
     pool = KVCachePool(
         num_layers=2,
         num_blocks=640,  # 40 MiB per pool: above glibc's largest mmap threshold (32 MiB), so
@@ -60,7 +64,7 @@ def test_pool_on_huge_pages():
     )
     for t in pool.k_caches + pool.v_caches:
         nbytes = t.untyped_storage().nbytes()
-        assert _huge_bytes(t) >= nbytes - 2 * HUGE_PAGE, "pool not on huge pages"
+        assert _advised_bytes(t) >= nbytes - 2 * HUGE_PAGE, "pool not advised onto huge pages"
         assert torch.isnan(t).all()
 
 
@@ -69,7 +73,7 @@ def test_full_on_huge_pages_values():
     t = full_on_huge_pages((3, 7 << 20), 2.5, dtype=torch.bfloat16, device=torch.device("cpu"))
     assert t.shape == (3, 7 << 20) and t.dtype == torch.bfloat16  # 42 MiB
     assert (t == 2.5).all()
-    assert _huge_bytes(t) >= t.untyped_storage().nbytes() - 2 * HUGE_PAGE
+    assert _advised_bytes(t) >= t.untyped_storage().nbytes() - 2 * HUGE_PAGE
 
 
 def test_small_tensor_left_alone():
