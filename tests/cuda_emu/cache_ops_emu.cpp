@@ -135,8 +135,36 @@ void copy_blocks_case(std::mt19937& rng, int es, int64_t heads, int64_t d, int64
 
 }  // namespace
 
+// cuda_utils.cuh's chunk accesses under g++'s type-based alias analysis (run_emu.sh builds with
+// -fstrict-aliasing): a store of a 4-byte chunk over a float, or a float store after a chunk load,
+// must be seen. Through a plain uint32_t* the compiler may keep the float in a register (g++ -O1
+// -fstrict-aliasing returns 1.0 from the first probe), which is what MayAlias rules out.
+__attribute__((noinline)) float chunk_store_probe(float* f, float* same) {
+  *f = 1.f;
+  kv_paged::cuda::store_chunk(same, uint32_t{0x40000000u});  // 2.0f
+  return *f;
+}
+__attribute__((noinline)) uint32_t chunk_load_probe(float* f) {
+  *f = 1.f;
+  const uint32_t bits = kv_paged::cuda::load_chunk<uint32_t>(f);
+  *f = 2.f;
+  return bits;
+}
+
+void chunk_alias_case() {
+  float x = 0.f;
+  const float stored = chunk_store_probe(&x, &x);
+  const uint32_t loaded = chunk_load_probe(&x);
+  char detail[96];
+  std::snprintf(detail, sizeof(detail), "store probe read %g (want 2), load probe 0x%08x (want "
+                "0x3f800000)", stored, loaded);
+  tally().record("chunk accesses under strict aliasing", stored == 2.f && loaded == 0x3f800000u,
+                 detail);
+}
+
 void run_cache_ops_cases() {
   std::mt19937 rng(15);
+  chunk_alias_case();
   // Row bytes 128 (unit 16), 8 (unit 8), 12 (unit 4), 6 (unit 2); f32 rows of 256 bytes.
   reshape_and_cache_case(rng, 2, 2, 64, 4, false, 0);
   reshape_and_cache_case(rng, 2, 3, 4, 3, true, 0);

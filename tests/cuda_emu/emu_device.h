@@ -23,6 +23,9 @@ extern dim3 g_block_dim, g_grid_dim;
 
 // Dynamic shared memory of the running block (NaN-filled before each block).
 unsigned char* dynamic_smem();
+// A static shared array (a function static here): the first thread of each block to reach its
+// declaration NaN-fills it, so a block never sees the previous block's values.
+void static_smem(void* array, size_t bytes);
 void syncthreads(const char* file, int line);
 void syncwarp(const char* file, int line);
 
@@ -81,10 +84,9 @@ T shfl(Op op, T v, int arg, const char* file, int line) {
 // ---- CUDA built-ins ----------------------------------------------------------------------------
 #undef __shared__
 #undef __launch_bounds__
-// Static __shared__ variables become function statics: one copy for the block that is running (they
-// keep the previous block's values; g++ ignores section attributes on template statics, so they
-// cannot be found and NaN-filled like dynamic shared memory).
-#define __shared__ static
+// Kernels declare shared memory through KV_PAGED_DYNAMIC_SMEM / KV_PAGED_SHARED, which the emulator
+// fills with NaN; a bare __shared__ would escape that, so it does not compile here.
+#define __shared__ __shared___is_not_emulated__use_KV_PAGED_SHARED
 #define __launch_bounds__(...)
 #define threadIdx (::kvemu::thread_idx())
 #define blockIdx (::kvemu::g_block_idx)
@@ -125,6 +127,9 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, i
 
 // ---- the twins of cuda_utils.cuh's launch syntax and PTX wrappers --------------------------------
 #define KV_PAGED_DYNAMIC_SMEM(name) unsigned char* name = ::kvemu::dynamic_smem()
+#define KV_PAGED_SHARED(type, name, dims) \
+  static type name dims;                   \
+  ::kvemu::static_smem(&name, sizeof(name))
 #define KV_PAGED_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::kvemu::launch(kernel, grid, block, smem, stream, __VA_ARGS__)
 #define KV_PAGED_PLANTED_FAULT(name) ::kvemu::planted_fault(name)

@@ -71,6 +71,8 @@ int g_done = 0, g_bar_arrived = 0;
 const char* g_bar_file = nullptr;
 int g_bar_line = 0;
 std::vector<unsigned char> g_smem;
+uint64_t g_block_serial = 0;                    // counts blocks run: one per block of every launch
+std::map<void*, uint64_t> g_static_smem_filled;  // static shared array -> the block that filled it
 size_t g_smem_bytes = 0;
 void (*g_body)(void*) = nullptr;
 void* g_ctx = nullptr;
@@ -303,6 +305,14 @@ const char* schedule_name(Schedule s) {
 const uint3& thread_idx() { return g_fibers[g_cur].tid; }
 unsigned char* dynamic_smem() { return g_smem.data(); }
 
+void static_smem(void* array, size_t bytes) {
+  uint64_t& filled = g_static_smem_filled[array];
+  if (filled != g_block_serial) {
+    std::memset(array, 0xff, bytes);
+    filled = g_block_serial;
+  }
+}
+
 void syncthreads(const char* file, int line) {
   const char* base = base_name(file);
   auto& sites = g_sites[base];
@@ -415,6 +425,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*bod
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         g_block_idx = make_uint3(bx, by, bz);
+        ++g_block_serial;
         // Shared memory starts as NaN (0xff bytes: NaN in f32, f16 and bf16), then a guard zone.
         g_smem.assign(smem + kSmemGuard, 0xff);
         g_fibers.assign(n, Fiber{});

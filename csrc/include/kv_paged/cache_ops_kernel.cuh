@@ -81,13 +81,13 @@ __global__ void __launch_bounds__(256) reshape_and_cache_kernel(ReshapeAndCacheC
       const int j = is_v ? i - per_tensor : i;
       const int64_t h = j / units_per_row, u = j % units_per_row;
       const char* src = is_v ? value + h * p.value_stride_head * es : key + h * p.key_stride_head * es;
-      v[k] = reinterpret_cast<const Unit*>(src)[u];
+      v[k] = load_chunk<Unit>(src + u * int64_t(sizeof(Unit)));
       dst[k] = (is_v ? v_dst + h * p.v_layout.stride_head * es : k_dst + h * p.k_layout.stride_head * es) +
                u * int64_t(sizeof(Unit));
     }
 #pragma unroll
     for (int k = 0; k < kCopyUnroll; ++k) {
-      if (dst[k] != nullptr) *reinterpret_cast<Unit*>(dst[k]) = v[k];
+      if (dst[k] != nullptr) store_chunk(dst[k], v[k]);
     }
   }
 }
@@ -123,11 +123,11 @@ __global__ void __launch_bounds__(256) copy_blocks_kernel(CopyBlocksCudaParams p
       const int row = i / units_per_row, u = i % units_per_row;
       off[k] = (row / heads) * L.stride_slot + (row % heads) * L.stride_head +
                u * int64_t(sizeof(Unit));
-      v[k] = *reinterpret_cast<const Unit*>(s + off[k]);
+      v[k] = load_chunk<Unit>(s + off[k]);
     }
 #pragma unroll
     for (int k = 0; k < kCopyUnroll; ++k) {
-      if (off[k] >= 0) *reinterpret_cast<Unit*>(d + off[k]) = v[k];
+      if (off[k] >= 0) store_chunk(d + off[k], v[k]);
     }
   }
 }

@@ -17,6 +17,9 @@
 #else
 // A kernel's dynamic shared memory, and a kernel launch on a stream.
 #define KV_PAGED_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+// A static shared array, e.g. KV_PAGED_SHARED(float, warp_m, [kWarps][kRows]); (the emulator
+// NaN-fills it at each block's start, as it does dynamic shared memory).
+#define KV_PAGED_SHARED(type, name, dims) __shared__ type name dims
 #define KV_PAGED_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 // A named fault the emulator can plant to prove a test catches it (tests/cuda_emu/run_emu.sh);
@@ -64,6 +67,26 @@ __device__ __forceinline__ To bit_cast(const From& from) {
   To to;
   memcpy(&to, &from, sizeof(To));
   return to;
+}
+
+// Tiles hold elements of T that are also moved as 4-, 8- or 16-byte chunks (one LDS.128 / STG.128
+// each). Reading an object through a pointer to an unrelated type breaks C++'s aliasing rule, and
+// memcpy is no remedy for memory accesses: nvcc lowers a memcpy through a global pointer to byte
+// loads and stores whatever the pointer's alignment. Chunks are accessed as MayAlias<V>, which GCC,
+// Clang and nvcc exempt from type-based alias analysis as they do char: the access is defined and
+// still one vector instruction (ld.shared.v4.u32 / st.global.v4.u32 in the PTX). The emulator builds
+// the kernels with -fstrict-aliasing and checks these two against g++'s alias analysis.
+template <typename V>
+struct __attribute__((__may_alias__)) MayAlias {
+  V v;
+};
+template <typename V, typename T>
+__device__ __forceinline__ V load_chunk(const T* p) {
+  return reinterpret_cast<const MayAlias<V>*>(p)->v;
+}
+template <typename V, typename T>
+__device__ __forceinline__ void store_chunk(T* p, const V& v) {
+  *reinterpret_cast<MayAlias<V>*>(p) = MayAlias<V>{v};
 }
 
 // Two floats packed into one 32-bit register of two 16-bit elements (low half = a).

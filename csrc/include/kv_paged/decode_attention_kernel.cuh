@@ -89,9 +89,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float* q_smem = reinterpret_cast<float*>(smem + 2 * C::kv_bytes);  // [kRows][kHeadDim]
   float* s_smem = q_smem + kDecodeRows * kHeadDim;                     // [kRows][kTile + 1]
   float* merge = reinterpret_cast<float*>(smem);  // [kWarps][kRows][kHeadDim], after the tiles
-  __shared__ float warp_m[C::kWarps][kDecodeRows], warp_l[C::kWarps][kDecodeRows];
-  __shared__ float warp_alpha[C::kWarps][kDecodeRows];
-  __shared__ int row_lo[kDecodeRows], row_hi[kDecodeRows];
+  KV_PAGED_SHARED(float, warp_m, [C::kWarps][kDecodeRows]);
+  KV_PAGED_SHARED(float, warp_l, [C::kWarps][kDecodeRows]);
+  KV_PAGED_SHARED(float, warp_alpha, [C::kWarps][kDecodeRows]);
+  KV_PAGED_SHARED(int, row_lo, [kDecodeRows]);
+  KV_PAGED_SHARED(int, row_hi, [kDecodeRows]);
 
   QTile qt;
   if (dp.filter == SeqFilter::kSingleQuery
@@ -215,7 +217,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
         float kf[kMine][C::kChunk];
 #pragma unroll
         for (int c = 0; c < kMine; ++c) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(
+          const uint4 raw = load_chunk<uint4>(
               k_smem + (stage * C::kTile + tok) * C::kRowStride + (slice + c * C::kSplitD) * C::kChunk);
           chunk_to_float<T>(raw, kf[c]);
         }
@@ -273,8 +275,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       const float* prow = s_smem + key0;
 #pragma unroll 2
       for (int j = 0; j < C::kWarpKeys; ++j) {
-        const SmemVec<T, C::kCols> raw =
-            *reinterpret_cast<const SmemVec<T, C::kCols>*>(vrow + j * C::kRowStride);
+        const auto raw = load_chunk<SmemVec<T, C::kCols>>(vrow + j * C::kRowStride);
         float v[C::kCols];
 #pragma unroll
         for (int c = 0; c < C::kCols; ++c) v[c] = to_float(raw.v[c]);
@@ -349,7 +350,7 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(const DecodeAttention
     if (p.cu_seqlens_q[blockIdx.x + 1] - q != 1) return;
   }
   const int64_t h = blockIdx.y;
-  __shared__ float w[kMaxSplits];
+  KV_PAGED_SHARED(float, w, [kMaxSplits]);
   const int S = dp.num_splits;
   if (threadIdx.x < 32) {
     const int s = threadIdx.x;

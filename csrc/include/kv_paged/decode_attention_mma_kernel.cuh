@@ -51,7 +51,8 @@ __global__ void __launch_bounds__(kMmaDecodeThreads, 1)
   using C = MmaDecodeConfig<T, kHeadDim>;
   const AttentionProblem& p = dp.prob;
   KV_PAGED_DYNAMIC_SMEM(smem);
-  __shared__ float warp_m[kMmaDecodeWarps][kMmaDecodeRows], warp_l[kMmaDecodeWarps][kMmaDecodeRows];
+  KV_PAGED_SHARED(float, warp_m, [kMmaDecodeWarps][kMmaDecodeRows]);
+  KV_PAGED_SHARED(float, warp_l, [kMmaDecodeWarps][kMmaDecodeRows]);
 
   QTile qt;
   if (dp.filter == SeqFilter::kSingleQuery

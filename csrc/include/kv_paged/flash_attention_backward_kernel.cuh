@@ -40,10 +40,13 @@ __global__ void __launch_bounds__(kBwdThreads)
   float* vs = ks + kBwdBlockN * C::kStride;         // [kBwdBlockN][kStride]
   float* qs = vs + kBwdBlockN * C::kStride;         // [kBwdRows][kHeadDim], scaled
   float* dos = qs + kBwdRows * kHeadDim;            // [kBwdRows][kHeadDim]
-  __shared__ float ps[kBwdRows][kBwdBlockN], dss[kBwdRows][kBwdBlockN];
-  __shared__ float row_lse[kBwdRows], row_delta[kBwdRows];
-  __shared__ int row_lo[kBwdRows], row_hi[kBwdRows];
-  __shared__ int64_t row_dq[kBwdRows];  // element offset of the row in dq_accum, -1 = no row
+  KV_PAGED_SHARED(float, ps, [kBwdRows][kBwdBlockN]);
+  KV_PAGED_SHARED(float, dss, [kBwdRows][kBwdBlockN]);
+  KV_PAGED_SHARED(float, row_lse, [kBwdRows]);
+  KV_PAGED_SHARED(float, row_delta, [kBwdRows]);
+  KV_PAGED_SHARED(int, row_lo, [kBwdRows]);
+  KV_PAGED_SHARED(int, row_hi, [kBwdRows]);
+  KV_PAGED_SHARED(int64_t, row_dq, [kBwdRows]);  // element offset of the row in dq_accum, -1 = no row
 
   QTile kt;  // the key tile, found through cu_seqlens_k exactly like a query tile
   if (!find_q_tile(p.cu_seqlens_k, int(p.num_seqs), kBwdBlockN, blockIdx.x, kt)) return;

@@ -317,8 +317,7 @@ __global__ void __launch_bounds__(PrefillConfig<T, kHeadDim>::kThreads)
     T* srow = q_smem + r * C::kStride;
 #pragma unroll
     for (int d = 0; d < C::kDTiles; ++d) {
-      *reinterpret_cast<uint32_t*>(srow + d * 8 + tig * 2) =
-          pack2<T>(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
+      store_chunk(srow + d * 8 + tig * 2, pack2<T>(o[d][2 * h] * inv, o[d][2 * h + 1] * inv));
     }
     if (p.lse != nullptr && tig == 0 && r < qt.count) {
       constexpr float kLn2 = 0.6931471805599453f;
@@ -332,8 +331,7 @@ __global__ void __launch_bounds__(PrefillConfig<T, kHeadDim>::kThreads)
   for_each_chunk<C::kBlockM, C::kRowChunks, C::kThreads>(tid, [&](int r, int ch) {
     if (r < qt.count && ch * 8 < D) {
       T* dst = out + (row0 + r) * p.out_stride_token + head * p.out_stride_head + ch * 8;
-      *reinterpret_cast<uint4*>(dst) =
-          *reinterpret_cast<const uint4*>(q_smem + r * C::kStride + ch * 8);
+      store_chunk(dst, load_chunk<uint4>(q_smem + r * C::kStride + ch * 8));
     }
   });
 }
