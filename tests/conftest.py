@@ -91,6 +91,18 @@ class PagedBatch:
     cu_seqlens_q: torch.Tensor  # int32 [B + 1]
     seq_lens_kv: torch.Tensor  # int32 [B]
 
+    @property
+    def args(self) -> tuple[torch.Tensor, ...]:
+        """The six leading arguments of ops.paged_attention, in its order."""
+        return (
+            self.query,
+            self.k_cache,
+            self.v_cache,
+            self.block_tables,
+            self.cu_seqlens_q,
+            self.seq_lens_kv,
+        )
+
 
 def make_paged_batch(
     seq_lens_kv: list[int],

@@ -229,22 +229,12 @@ def test_paged_decode_route(dtype, D, H, Hkv, bs, gen):
         {"causal": False},
     ]:
         out = ops.paged_attention(
-            b.query,
-            b.k_cache,
-            b.v_cache,
-            b.block_tables,
-            b.cu_seqlens_q,
-            b.seq_lens_kv,
+            *b.args,
             scale=D**-0.5,
             **kw,
         )
         paged_reference_check(
-            b.query,
-            b.k_cache,
-            b.v_cache,
-            b.block_tables,
-            b.cu_seqlens_q,
-            b.seq_lens_kv,
+            *b.args,
             out,
             scale=D**-0.5,
             **kw,
@@ -269,22 +259,12 @@ def test_paged_prefill_route(dtype, D, H, Hkv, bs, kv_fused, gen):
         {"causal": False, "softcap": 10.0},
     ]:
         out = ops.paged_attention(
-            b.query,
-            b.k_cache,
-            b.v_cache,
-            b.block_tables,
-            b.cu_seqlens_q,
-            b.seq_lens_kv,
+            *b.args,
             scale=D**-0.5,
             **kw,
         )
         paged_reference_check(
-            b.query,
-            b.k_cache,
-            b.v_cache,
-            b.block_tables,
-            b.cu_seqlens_q,
-            b.seq_lens_kv,
+            *b.args,
             out,
             scale=D**-0.5,
             **kw,
@@ -452,7 +432,7 @@ def test_cuda_graph_capture_and_replay(gen):
 def test_bitwise_identical_reruns(q_lens, gen):
     lens = [4000, 90, 700]
     b = make_paged_batch(lens, q_lens, 16, 4, 128, 16, torch.bfloat16, DEV, gen)
-    args = (b.query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens_kv)
+    args = b.args
     first = ops.paged_attention(*args, softcap=30.0)
     second = ops.paged_attention(*args, softcap=30.0)
     assert torch.equal(first, second)

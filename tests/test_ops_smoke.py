@@ -17,10 +17,8 @@ def test_paged_attention_smoke(gen):
     b = make_paged_batch(
         [5, 0, 37, 16], [5, 0, 1, 3], 8, 2, 64, 16, torch.float32, "cpu", gen, kv_fused=True
     )
-    out = ops.paged_attention(
-        b.query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens_kv
-    )
-    args = (b.query, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens_kv)
+    out = ops.paged_attention(*b.args)
+    args = b.args
     ref = paged_attention_reference(*args, scale=64**-0.5)
     same = paged_attention_reference(*args, scale=64**-0.5, dtype=torch.float32)
     assert_close_to_reference(out, ref, same)

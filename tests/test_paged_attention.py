@@ -48,14 +48,7 @@ def _id(point: dict) -> str:
 
 
 def run_and_check(batch, dtype, **kw):
-    args = (
-        batch.query,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens_kv,
-    )
+    args = batch.args
     out = ops.paged_attention(*args, **kw)
     assert out.shape == batch.query.shape and out.dtype == dtype and out.is_contiguous()
     scale = kw.pop("scale", None) or batch.query.shape[-1] ** -0.5
@@ -155,22 +148,12 @@ def test_window_edges_and_explicit_scale(device, gen):
     run_and_check(batch, torch.float32, sliding_window=1000)  # wider than the context: no effect
     run_and_check(batch, torch.float32, scale=0.3)
     off = ops.paged_attention(
-        batch.query,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens_kv,
+        *batch.args,
         sliding_window=0,
         softcap=0.0,
     )
     on = ops.paged_attention(
-        batch.query,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens_kv,
+        *batch.args,
     )
     assert torch.equal(off, on)
 
@@ -187,12 +170,7 @@ def test_shared_prefix_blocks(device, gen):
 def test_empty_query(device, gen):
     batch = make_paged_batch([4, 0], [0, 0], 4, 2, 16, 4, torch.float16, device, gen)
     out = ops.paged_attention(
-        batch.query,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens_kv,
+        *batch.args,
     )
     assert out.shape == (0, 4, 16)
 
@@ -303,12 +281,7 @@ def test_bad_device():
 def test_opcheck(gen):
     batch = make_paged_batch([10, 9, 0], [1, 6, 0], 4, 2, 16, 4, torch.float32, "cpu", gen)
     args = (
-        batch.query,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens_kv,
+        *batch.args,
         0.25,
         True,
         3,
@@ -362,14 +335,7 @@ def test_max_seqlen_kv_hint(gen):
     leaves the output unchanged when it is the truth or above it, and is refused by name when it is
     negative or, on CPU where the lengths are at hand, below the longest sequence."""
     batch = make_paged_batch([10, 9, 33], [1, 6, 1], 4, 2, 16, 4, torch.float32, "cpu", gen)
-    args = (
-        batch.query,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens_kv,
-    )
+    args = batch.args
     plain = ops.paged_attention(*args)
     for hint in (33, 40, None):
         assert torch.equal(ops.paged_attention(*args, max_seqlen_kv=hint), plain)
@@ -384,14 +350,7 @@ def test_max_seqlen_kv_check_reads_the_lengths_once(gen):
     values: no second read of seq_lens_kv (a max() reduction and an item(): on CUDA, a host sync
     per layer)."""
     batch = make_paged_batch([10, 9, 33], [1, 6, 1], 4, 2, 16, 4, torch.float32, "cpu", gen)
-    args = (
-        batch.query,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens_kv,
-    )
+    args = batch.args
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         ops.paged_attention(*args, max_seqlen_kv=33)
     names = {e.name for e in prof.events()}
