@@ -46,8 +46,6 @@ class Expect {
   const char* name_;
 };
 
-at::Tensor host(const at::Tensor& t) { return t.is_cpu() ? t.contiguous() : t.cpu().contiguous(); }
-
 // The state tensors a kernel writes: fp32 out [T, H, D] and lse [T, H], contiguous, on query's device.
 void check_state(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& query) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 3 &&
@@ -112,8 +110,8 @@ SharedPrefixParams make_shared_prefix_params(const at::Tensor& query, const at::
 void check_shared_prefix_values(const SharedPrefixParams& p, const at::Tensor& prefix_block_tables,
                                 const at::Tensor& prefix_lens, const at::Tensor& cu_group_rows,
                                 const at::Tensor& group_rows) {
-  const at::Tensor bt_h = host(prefix_block_tables), len_h = host(prefix_lens);
-  const at::Tensor cu_h = host(cu_group_rows), rows_h = host(group_rows);
+  const at::Tensor bt_h = host_copy(prefix_block_tables), len_h = host_copy(prefix_lens);
+  const at::Tensor cu_h = host_copy(cu_group_rows), rows_h = host_copy(group_rows);
   const int32_t* bt = bt_h.data_ptr<int32_t>();
   const int32_t* lens = len_h.data_ptr<int32_t>();
   const int32_t* cu = cu_h.data_ptr<int32_t>();
@@ -168,8 +166,9 @@ SuffixAttentionParams make_suffix_params(const at::Tensor& query, const at::Tens
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   if (check_values) {
-    check_paged_attention_values(p.attn, block_tables, cu_seqlens_q, seq_lens_kv);
-    const at::Tensor start_h = host(kv_start), lens_h = host(seq_lens_kv);
+    const at::Tensor lens_h =
+        check_paged_attention_values(p.attn, block_tables, cu_seqlens_q, seq_lens_kv);
+    const at::Tensor start_h = host_copy(kv_start);
     const int32_t* start = start_h.data_ptr<int32_t>();
     const int32_t* lens = lens_h.data_ptr<int32_t>();
     for (int64_t b = 0; b < p.attn.num_seqs; ++b) {

@@ -56,8 +56,6 @@ void check_index_vector(const at::Tensor& t, const char* name, int64_t length,
   TORCH_CHECK(t.is_contiguous(), name, ": must be contiguous");
 }
 
-at::Tensor host_copy(const at::Tensor& t) { return t.is_cpu() ? t.contiguous() : t.cpu().contiguous(); }
-
 void check_scalars(double scale, double softcap) {
   TORCH_CHECK(std::isfinite(scale), "scale: must be finite, got ", scale);
   TORCH_CHECK(std::isfinite(softcap), "softcap: must be finite (<= 0 disables it), got ", softcap);
@@ -76,6 +74,8 @@ void check_cu_seqlens_values(const int32_t* cu, int64_t num_seqs, int64_t total,
 }
 
 }  // namespace
+
+at::Tensor host_copy(const at::Tensor& t) { return t.is_cpu() ? t.contiguous() : t.cpu().contiguous(); }
 
 CacheLayout cache_layout(const at::Tensor& cache, const char* name) {
   check_rank(cache, name, 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
@@ -375,9 +375,10 @@ void check_max_seqlen_kv(int64_t max_seqlen_kv) {
               max_seqlen_kv);
 }
 
-void check_paged_attention_values(const PagedAttentionParams& p, const at::Tensor& block_tables,
-                                  const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv,
-                                  int64_t max_seqlen_kv) {
+at::Tensor check_paged_attention_values(const PagedAttentionParams& p,
+                                        const at::Tensor& block_tables,
+                                        const at::Tensor& cu_seqlens_q,
+                                        const at::Tensor& seq_lens_kv, int64_t max_seqlen_kv) {
   const at::Tensor cu_host = host_copy(cu_seqlens_q);
   const at::Tensor lens_host = host_copy(seq_lens_kv);
   const at::Tensor bt_host = host_copy(block_tables);
@@ -408,6 +409,7 @@ void check_paged_attention_values(const PagedAttentionParams& p, const at::Tenso
   }
   TORCH_CHECK(max_seqlen_kv < 0 || max_seqlen_kv >= longest, "paged_attention: max_seqlen_kv = ",
               max_seqlen_kv, " is below the longest seq_lens_kv entry (", longest, ")");
+  return lens_host;
 }
 
 void check_flash_attention_values(const FlashAttentionParams& p, const at::Tensor& cu_seqlens_q,

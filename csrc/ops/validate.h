@@ -79,11 +79,16 @@ void check_slot_mapping_values(const at::Tensor& slot_mapping, int64_t num_slots
 // only check of it (comparing it with seq_lens_kv there would need a host sync).
 void check_max_seqlen_kv(int64_t max_seqlen_kv);
 
+// A contiguous CPU tensor with t's values: t itself when it already is one, else one copy.
+at::Tensor host_copy(const at::Tensor& t);
+
 // Every index value, in one host copy of each index tensor; max_seqlen_kv, when not -1, must be
-// >= every seq_lens_kv entry (checked in the same pass over the lengths).
-void check_paged_attention_values(const PagedAttentionParams& p, const at::Tensor& block_tables,
-                                  const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_kv,
-                                  int64_t max_seqlen_kv = -1);
+// >= every seq_lens_kv entry (checked in the same pass over the lengths). Returns the host copy of
+// seq_lens_kv, for callers with more checks over it.
+at::Tensor check_paged_attention_values(const PagedAttentionParams& p,
+                                        const at::Tensor& block_tables,
+                                        const at::Tensor& cu_seqlens_q,
+                                        const at::Tensor& seq_lens_kv, int64_t max_seqlen_kv = -1);
 void check_flash_attention_values(const FlashAttentionParams& p, const at::Tensor& cu_seqlens_q,
                                   const at::Tensor& cu_seqlens_k);
 // Every src in [0, src_num_blocks), every dst in [0, dst_num_blocks), destinations distinct and,
