@@ -78,6 +78,47 @@ struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) SmemVec {
   T v[N];
 };
 
+// The end of a decode pass (both decode paths): merges the warps' partials of the pass's `rows`
+// rows (warp w, row r: max warp_m[w][r], sum warp_l[w][r], unnormalised O at partial(w, r)[d]) and
+// writes them normalised, to `out` (and lse) with one split, else as the split's fp32 partial and
+// its LSE. Threads stride over (row, column).
+template <typename T, int kHeadDim, int kThreads, int kWarps, int kRows, typename Partial>
+__device__ __forceinline__ void write_pass(const DecodeAttentionParams& dp, const QTile& qt,
+                                           int pass, int rows, int kv_head, int group, int split,
+                                           const float (&warp_m)[kWarps][kRows],
+                                           const float (&warp_l)[kWarps][kRows], Partial partial) {
+  const AttentionProblem& p = dp.prob;
+  const int D = int(p.head_dim);
+  for (int idx = int(threadIdx.x); idx < rows * kHeadDim; idx += kThreads) {
+    const int r = idx / kHeadDim, d = idx % kHeadDim;
+    if (d >= D) continue;
+    float mx = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, warp_m[w][r]);
+    const float m_use = mx == kNegInf ? 0.f : mx;
+    float l_sum = 0.f, o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float e = __expf(warp_m[w][r] - m_use);
+      l_sum += warp_l[w][r] * e;
+      o += e * partial(w, r)[d];
+    }
+    const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
+    const float lse = l_sum > 0.f ? mx + __logf(l_sum) : kNegInf;
+    const int row = pass + r, tok = qt.q_start + qt.begin + row / group;
+    const int head = kv_head * group + row % group;
+    if (dp.num_splits == 1) {
+      static_cast<T*>(p.out)[tok * p.out_stride_token + head * p.out_stride_head + d] =
+          from_float<T>(o * inv);
+      if (d == 0 && p.lse != nullptr) p.lse[int64_t(tok) * p.num_heads + head] = lse;
+    } else {
+      const int64_t at = (int64_t(split) * p.total_q + tok) * p.num_heads + head;
+      dp.partial_out[at * D + d] = o * inv;
+      if (d == 0) dp.partial_lse[at] = lse;
+    }
+  }
+}
+
 template <typename T, int kHeadDim, bool kPaged>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_attention_kernel(const DecodeAttentionParams dp) {
@@ -307,35 +348,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
       }
     }
     __syncthreads();
-    for (int idx = tid; idx < rows * kHeadDim; idx += kDecodeThreads) {
-      const int r = idx / kHeadDim, d = idx % kHeadDim;
-      if (d >= D) continue;
-      float mx = kNegInf;
-#pragma unroll
-      for (int w = 0; w < C::kWarps; ++w) mx = fmaxf(mx, warp_m[w][r]);
-      const float m_use = mx == kNegInf ? 0.f : mx;
-      float l_sum = 0.f, o = 0.f;
-#pragma unroll
-      for (int w = 0; w < C::kWarps; ++w) {
-        const float e = __expf(warp_m[w][r] - m_use);
-        l_sum += warp_l[w][r] * e;
-        o += e * merge[(w * kDecodeRows + r) * kHeadDim + d];
-      }
-      const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
-      const float lse = l_sum > 0.f ? mx + __logf(l_sum) : kNegInf;
-      // Normalise and write: `out` directly with one split, else the fp32 partial and its LSE.
-      const int row = pass + r, tok = qt.q_start + qt.begin + row / group;
-      const int head = kv_head * group + row % group;
-      if (dp.num_splits == 1) {
-        static_cast<T*>(p.out)[tok * p.out_stride_token + head * p.out_stride_head + d] =
-            from_float<T>(o * inv);
-        if (d == 0 && p.lse != nullptr) p.lse[int64_t(tok) * p.num_heads + head] = lse;
-      } else {
-        const int64_t at = (int64_t(split) * p.total_q + tok) * p.num_heads + head;
-        dp.partial_out[at * D + d] = o * inv;
-        if (d == 0) dp.partial_lse[at] = lse;
-      }
-    }
+    write_pass<T, kHeadDim, kDecodeThreads>(
+        dp, qt, pass, rows, kv_head, group, split, warp_m, warp_l,
+        [&](int w, int r) { return merge + (w * kDecodeRows + r) * kHeadDim; });
     __syncthreads();  // the merge has read what the next pass's setup and tiles overwrite
   }
 }

@@ -253,35 +253,11 @@ __global__ void __launch_bounds__(kMmaDecodeThreads, 1)
     }
     __syncthreads();  // every warp's partial is in shared memory
 
-    // Merge the warps: thread owns (row, column) pairs; each warp's weight is e^(m_w - m) / l.
-    for (int idx = tid; idx < rows * kHeadDim; idx += kMmaDecodeThreads) {
-      const int r = idx / kHeadDim, d = idx % kHeadDim;
-      if (d >= D) continue;
-      float mx = kNegInf;
-#pragma unroll
-      for (int w = 0; w < kMmaDecodeWarps; ++w) mx = fmaxf(mx, warp_m[w][r]);
-      const float m_use = mx == kNegInf ? 0.f : mx;
-      float l_sum = 0.f, acc = 0.f;
-#pragma unroll
-      for (int w = 0; w < kMmaDecodeWarps; ++w) {
-        const float e = __expf(warp_m[w][r] - m_use);
-        l_sum += warp_l[w][r] * e;
-        acc += e * reinterpret_cast<const float*>(smem + C::q_bytes + w * C::warp_bytes)[r * kHeadDim + d];
-      }
-      const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
-      const float lse = l_sum > 0.f ? mx + __logf(l_sum) : kNegInf;
-      const int row = pass + r, tok = qt.q_start + qt.begin + row / group;
-      const int head = kv_head * group + row % group;
-      if (dp.num_splits == 1) {
-        static_cast<T*>(p.out)[tok * p.out_stride_token + head * p.out_stride_head + d] =
-            from_float<T>(acc * inv);
-        if (d == 0 && p.lse != nullptr) p.lse[int64_t(tok) * p.num_heads + head] = lse;
-      } else {
-        const int64_t at = (int64_t(split) * p.total_q + tok) * p.num_heads + head;
-        dp.partial_out[at * D + d] = acc * inv;
-        if (d == 0) dp.partial_lse[at] = lse;
-      }
-    }
+    write_pass<T, kHeadDim, kMmaDecodeThreads>(
+        dp, qt, pass, rows, kv_head, group, split, warp_m, warp_l, [&](int w, int r) {
+          return reinterpret_cast<const float*>(smem + C::q_bytes + w * C::warp_bytes) +
+                 r * kHeadDim;
+        });
     __syncthreads();  // the merge has read what the next pass's Q and rings overwrite
   }
 }
