@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first GPU run, as one call of the device tool (15 minutes of device time per session, 10 per
-# call): build for Hopper, the CUDA tests, compute-sanitizer, then the CUDA benchmarks, each stage
+# call): build for Hopper, the CUDA tests, compute-sanitizer, then the CUDA benchmarks (decode, prefill, KV ops, training), each stage
 # under its own time budget so one slow stage cannot eat the next. Logs go to $OUT (at most 8 files
 # come back): env.txt, build.log, tests.log, sanitizer.log, bench.md, summary.txt. Usage there:
 #   OUT=... bash tools/gpu_session.sh [stages]     stages: any of build,tests,sanitizer,bench (all)
@@ -75,5 +75,7 @@ stage bench "${BUDGET_BENCH_PREFILL:-120}" "$OUT/bench.log" \
   "$PYTHON" benchmarks/bench_prefill.py --seqlens 1024,4096,16384 --iters 5 --out "$bench"
 stage bench "${BUDGET_BENCH_KV:-60}" "$OUT/bench.log" \
   "$PYTHON" benchmarks/bench_kv_ops.py --out "$bench"
+stage bench "${BUDGET_BENCH_BACKWARD:-120}" "$OUT/bench.log" \
+  "$PYTHON" benchmarks/bench_backward_cuda.py --seqlens 1024,4096,16384 --iters 5 --out "$bench"
 echo "== summary"
 cat "$summary"
