@@ -21,7 +21,7 @@ import torch
 
 from kv_paged.beam_search import BeamSearch, BeamSearchParams
 from kv_paged.block_manager import BlockManager
-from kv_paged.engine.inputs import encode_prompt, prompt_list, why_impossible
+from kv_paged.engine.inputs import encode_prompt, prompt_list, resolve_params, why_impossible
 from kv_paged.engine.metrics import EngineMetrics, progress_bar
 from kv_paged.engine.model_runner import ModelRunner, default_kv_memory, kv_bytes_per_block
 from kv_paged.engine.outputs import OutputProcessor, RequestOutput
@@ -150,27 +150,8 @@ class Engine:
         self._check_driver("add_request")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise TypeError(f"add_request: cache_salt must be a str or None, got {cache_salt!r}")
-        params = params if params is not None else SamplingParams()
-        beam_params = params if isinstance(params, BeamSearchParams) else None
-        if beam_params is not None:  # the scheduler's view: one greedy sequence per beam
-            params = SamplingParams(
-                max_new_tokens=beam_params.max_new_tokens,
-                temperature=0.0,
-                ignore_eos=beam_params.ignore_eos,
-            )
-        if not isinstance(params, SamplingParams):
-            raise TypeError(
-                "add_request: params must be SamplingParams or BeamSearchParams, got "
-                f"{type(params).__name__}"
-            )
+        params, beam_params = resolve_params(params, self.tokenizer, self.vocab_size)
         token_ids = encode_prompt(prompt, self.tokenizer, self.vocab_size)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("add_request: SamplingParams.stop needs Engine(..., tokenizer=...)")
-        if params.logprobs is not None and self.vocab_size and params.logprobs > self.vocab_size:
-            raise ValueError(
-                f"add_request: SamplingParams.logprobs = {params.logprobs} exceeds the vocabulary "
-                f"({self.vocab_size} tokens)"
-            )
         if request_id is None:  # never one a caller chose: skip ids in use
             request_id = str(next(self._request_counter))
             while request_id in self._requests:

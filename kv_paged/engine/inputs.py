@@ -1,5 +1,5 @@
-"""Checks of what a user hands Engine.add_request: the prompt (token ids or a string) and whether
-the request can ever run on this engine.
+"""Checks of what a user hands Engine.add_request: the prompt (token ids or a string), the params,
+and whether the request can ever run on this engine.
 
 Design decision: every refusal here happens before the request exists, with a message naming the
 argument, except a request too big for the pool or the model: it is accepted and reported by the
@@ -30,6 +30,35 @@ def prompt_list(prompts, params) -> tuple[list, list]:
     if len(params_list) != len(prompts):
         raise ValueError(f"generate: {len(params_list)} SamplingParams for {len(prompts)} prompts")
     return prompts, params_list
+
+
+def resolve_params(
+    params, tokenizer, vocab_size: int | None
+) -> tuple[SamplingParams, BeamSearchParams | None]:
+    """add_request's params as (the scheduler's SamplingParams, the BeamSearchParams or None):
+    None is SamplingParams(); beam search runs one greedy sequence per beam. Refuses what this
+    engine cannot honour (stop strings without a tokenizer, more logprobs than the vocabulary)."""
+    params = params if params is not None else SamplingParams()
+    beam_params = params if isinstance(params, BeamSearchParams) else None
+    if beam_params is not None:
+        params = SamplingParams(
+            max_new_tokens=beam_params.max_new_tokens,
+            temperature=0.0,
+            ignore_eos=beam_params.ignore_eos,
+        )
+    if not isinstance(params, SamplingParams):
+        raise TypeError(
+            "add_request: params must be SamplingParams or BeamSearchParams, got "
+            f"{type(params).__name__}"
+        )
+    if params.stop and tokenizer is None:
+        raise ValueError("add_request: SamplingParams.stop needs Engine(..., tokenizer=...)")
+    if params.logprobs is not None and vocab_size and params.logprobs > vocab_size:
+        raise ValueError(
+            f"add_request: SamplingParams.logprobs = {params.logprobs} exceeds the vocabulary "
+            f"({vocab_size} tokens)"
+        )
+    return params, beam_params
 
 
 def encode_prompt(prompt, tokenizer, vocab_size: int | None) -> list[int]:
