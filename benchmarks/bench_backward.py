@@ -28,32 +28,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cpu_timing
 from cpu_timing import cpu_name, time_cpu  # noqa: E402
 
 
-def make_backends():
-    """BACKENDS: name -> f(q, k, v) on [B, H, N, D] leaves, returning [B, H, N, D] (causal)."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    import kv_paged  # noqa: F401
+def kv_paged_causal(q, k, v):
+    """kv_paged's flash_attention on [B, H, N, D] leaves (packed rows, see leaves()), causal."""
     from kv_paged import ops
 
-    def kv_paged_fn(q, k, v):
-        B, H, N, D = q.shape
-        cu = torch.arange(0, (B + 1) * N, N, dtype=torch.int32)
-        packed = [x.transpose(1, 2).reshape(B * N, H, D) for x in (q, k, v)]
-        out = ops.flash_attention(*packed, cu, cu, N, N, causal=True)
-        return out.view(B, N, H, D).transpose(1, 2)
+    B, H, N, D = q.shape
+    cu = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=q.device)
+    packed = [x.transpose(1, 2).reshape(B * N, H, D) for x in (q, k, v)]
+    out = ops.flash_attention(*packed, cu, cu, N, N, causal=True)
+    return out.view(B, N, H, D).transpose(1, 2)
 
-    def sdpa(backend):
-        def run(q, k, v):
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        return run
+def sdpa_causal(backend):
+    """torch SDPA restricted to one backend, causal, as f(q, k, v)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return run
+
+
+def make_backends():
+    """BACKENDS: name -> f(q, k, v) on [B, H, N, D] leaves, returning [B, H, N, D] (causal)."""
+    from torch.nn.attention import SDPBackend
 
     return {
-        "kv_paged": kv_paged_fn,
-        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
-        "sdpa_math": sdpa(SDPBackend.MATH),
+        "kv_paged": kv_paged_causal,
+        "sdpa_flash": sdpa_causal(SDPBackend.FLASH_ATTENTION),
+        "sdpa_math": sdpa_causal(SDPBackend.MATH),
     }
 
 

@@ -26,35 +26,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cuda_timing
+from bench_backward import fwd_bwd, kv_paged_causal, sdpa_causal  # noqa: E402
 from bench_prefill import matmul_tflops, sdpa_backends  # noqa: E402
 from cuda_timing import time_ms  # noqa: E402
 
 
 def make_backends():
     """BACKENDS: name -> f(q, k, v) on [B, H, N, D] leaves, returning [B, H, N, D] (causal)."""
-    import torch.nn.functional as F
-    from torch.nn.attention import sdpa_kernel
-
-    import kv_paged  # noqa: F401
-    from kv_paged import ops
-
-    def kv_paged_fn(q, k, v):
-        B, H, N, D = q.shape
-        cu = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=q.device)
-        packed = [x.transpose(1, 2).reshape(B * N, H, D) for x in (q, k, v)]
-        out = ops.flash_attention(*packed, cu, cu, N, N, causal=True)
-        return out.view(B, N, H, D).transpose(1, 2)
-
-    def sdpa(backend):
-        def run(q, k, v):
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-        return run
-
-    backends = {"kv_paged": kv_paged_fn}
+    backends = {"kv_paged": kv_paged_causal}
     for name, b in sdpa_backends().items():
-        backends[f"sdpa {name}"] = sdpa(b)
+        backends[f"sdpa {name}"] = sdpa_causal(b)
     return backends
 
 
@@ -66,14 +47,6 @@ def leaves(B, H, N, D, dtype, seed=0):
     # kv_paged takes [B * N, H, D] packed rows: give it (and everyone) that memory layout.
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
     return q, k, v, dout
-
-
-def fwd_bwd(fn, q, k, v, dout):
-    for x in (q, k, v):
-        x.grad = None
-    out = fn(q, k, v)
-    out.backward(dout)
-    return out
 
 
 def check(backends, D, dtype) -> dict[str, float]:

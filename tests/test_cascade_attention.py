@@ -17,7 +17,7 @@ import torch
 from kv_paged import ops
 from kv_paged.cascade import cascade_attention, plan_cascade
 
-from conftest import DEVICES, DTYPES, assert_close_to_reference, max_err, randn
+from conftest import DEVICES, DTYPES, PagedBatch, assert_close_to_reference, max_err, randn
 from reference import dense_attention, gather_blocks, paged_attention_reference
 
 GROUP_SIZES = [1, 2, 7, 64, 256]
@@ -71,15 +71,7 @@ class SharedBatch:
         self.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=device)
         self.seq_lens_kv = torch.tensor(self.kv_lens, dtype=torch.int32, device=device)
 
-    def args(self):
-        return (
-            self.query,
-            self.k_cache,
-            self.v_cache,
-            self.block_tables,
-            self.cu_seqlens_q,
-            self.seq_lens_kv,
-        )
+    args = PagedBatch.args  # the six leading arguments of ops.paged_attention
 
 
 def lse_reference(q, k, v, scale, softcap, mask=None) -> torch.Tensor:
@@ -210,7 +202,7 @@ def test_paged_attention_lse(dtype, causal, window, softcap, device, gen):
     kv_start = torch.tensor([0, 13, 8, 9, 4], dtype=torch.int32)
     scale = 0.125
     out, lse = ops.paged_attention_lse(
-        *batch.args(),
+        *batch.args,
         kv_start.to(device),
         scale=scale,
         causal=causal,
@@ -246,7 +238,7 @@ def test_merge_is_exact_and_ignores_empty_states(device, gen):
     batch = SharedBatch(
         {}, [([], 40, 1, 0), ([], 17, 3, 0)], (4, 2), 32, 8, torch.float32, device, gen
     )
-    args = batch.args()
+    args = batch.args
     lens = batch.seq_lens_kv
     zero = torch.zeros_like(lens)
     split = torch.tensor([19, 6], dtype=torch.int32, device=device)
@@ -287,13 +279,13 @@ def check_cascade(batch, dtype, *, causal=True, softcap=None, **plan_kw):
     )
     assert plan is not None
     plan = plan.to(batch.query.device)
-    out = cascade_attention(*batch.args(), plan, causal=causal, softcap=softcap)
-    plain = ops.paged_attention(*batch.args(), causal=causal, softcap=softcap)
+    out = cascade_attention(*batch.args, plan, causal=causal, softcap=softcap)
+    plain = ops.paged_attention(*batch.args, causal=causal, softcap=softcap)
     assert out.dtype == dtype and out.shape == batch.query.shape
     scale = batch.query.shape[-1] ** -0.5
     kw = dict(scale=scale, causal=causal, softcap=softcap)
-    ref = paged_attention_reference(*batch.args(), **kw)
-    assert_close_to_reference(out, ref, paged_attention_reference(*batch.args(), dtype=dtype, **kw))
+    ref = paged_attention_reference(*batch.args, **kw)
+    assert_close_to_reference(out, ref, paged_attention_reference(*batch.args, dtype=dtype, **kw))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert max_err(out, plain.double().cpu()) <= tol * max(1.0, max_err(plain, ref) / tol)
     return plan
@@ -454,16 +446,16 @@ def test_suffix_and_merge_bad_input(gen):
         ([0, 0, 0], "kv_start"),
     ]:
         with pytest.raises(RuntimeError, match=match):
-            ops.paged_attention_lse(*batch.args(), torch.tensor(start, dtype=torch.int32))
+            ops.paged_attention_lse(*batch.args, torch.tensor(start, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="kv_start"):
-        ops.paged_attention_lse(*batch.args(), torch.zeros(2, dtype=torch.int64))
+        ops.paged_attention_lse(*batch.args, torch.zeros(2, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="seq_lens_kv"):  # paged_attention's own checks apply
         ops.paged_attention_lse(
-            *batch.args()[:5],
+            *batch.args[:5],
             torch.tensor([9, 99], dtype=torch.int32),
             torch.zeros(2, dtype=torch.int32),
         )
-    out, lse = ops.paged_attention_lse(*batch.args(), torch.zeros(2, dtype=torch.int32))
+    out, lse = ops.paged_attention_lse(*batch.args, torch.zeros(2, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="out_b"):
         ops.merge_attention_states(out, lse, out[:2], lse)
     with pytest.raises(RuntimeError, match="lse_a"):
@@ -479,7 +471,7 @@ def test_opcheck(gen):
         {}, [([], 9, 1, 0), ([], 5, 2, 0)], (4, 2), 16, 4, torch.float32, "cpu", gen
     )
     start = torch.tensor([3, 5], dtype=torch.int32)
-    suffix_args = (*batch.args(), start, 0.25, True, 0, 2.0)
+    suffix_args = (*batch.args, start, 0.25, True, 0, 2.0)
     torch.library.opcheck(torch.ops.kv_paged.paged_attention_lse.default, suffix_args)
     out, lse = torch.ops.kv_paged.paged_attention_lse(*suffix_args)
     torch.library.opcheck(torch.ops.kv_paged.merge_attention_states.default, (out, lse, out, lse))
