@@ -98,6 +98,18 @@ def test_long_sequence(device, gen):
     run_and_check(*args, torch.float32, sliding_window=50, softcap=5.0, scale=0.2)
 
 
+@pytest.mark.parametrize("max_q", [2048, 8192])
+def test_wide_items(max_q, gen):
+    """The CPU kernel widens its work items with max_seqlen_q (128 rows from 2048, 256 from 4096):
+    an over-stated bound takes those paths on short sequences, with a remainder item, GQA rows
+    and causal rows that see nothing."""
+    q, k, v, cq, ck, _, mk = make_varlen(
+        [(300, 300), (20, 9), (0, 5), (1, 257)], 8, 2, 64, torch.float32, "cpu", gen
+    )
+    run_and_check(q, k, v, cq, ck, max_q, mk, torch.float32)
+    run_and_check(q, k, v, cq, ck, max_q, mk, torch.float32, sliding_window=50, softcap=5.0)
+
+
 def _bad_cases():
     def case(name, fn, match):
         return pytest.param(fn, match, id=name)

@@ -101,6 +101,20 @@ def test_split_kv_path(threads, gen):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("max_q", [2048, 4096])
+def test_wide_kv_tiles(max_q, gen):
+    """The CPU backward widens its kv tiles with max_seqlen_q (128 keys from 2048, 256 from 4096):
+    an over-stated bound takes those paths on short sequences, with remainder tiles, GQA 7:1,
+    empty sequences and rows that see nothing."""
+    q, k, v, cq, ck, _, mk = make_varlen(
+        LENGTHS + [(300, 300)], 7, 1, 80, torch.float32, "cpu", gen
+    )
+    args = (q, k, v, cq, ck, max_q, mk)
+    dout = randn(q.shape, torch.float32, gen)
+    check_grads(args, dout, torch.float32)
+    check_grads(args, dout, torch.float32, sliding_window=70, softcap=3.0)
+
+
 def test_gradcheck(gen):
     """torch.autograd.gradcheck on small varlen cases. The kernels compute in float32 at most (no
     float64 kernel), so float64 leaves are cast to float32 at the op: eps and tolerances are sized

@@ -45,7 +45,7 @@ struct AttentionScratch {
   std::vector<float> acc;     // [rows, head_dim] fp32 output accumulator
   std::vector<float> scores;  // [rows, tile] logits, then probabilities
   std::vector<float> m, l;    // [rows] running max and sum
-  std::vector<float> row;     // [4, head_dim] up to 4 K or V rows converted to fp32 (in L1)
+  std::vector<float> row;     // [8, head_dim] up to 8 K or V rows converted to fp32 (in L1)
   std::vector<float> kv_tile;  // [head_dim, tile] K^T or [tile, head_dim] V, fp32 (GEMM path)
   std::vector<RowSpan> spans;     // [rows]
   std::vector<int64_t> row_lo, row_hi;  // [rows] the part of the current tile each row sees
@@ -53,7 +53,7 @@ struct AttentionScratch {
   AttentionScratch(int64_t max_rows, int64_t tile_, int64_t head_dim_, int64_t heads_ = 1)
       : head_dim(head_dim_), tile(tile_), heads(heads_), q(max_rows * head_dim_),
         acc(max_rows * head_dim_), scores(max_rows * tile_), m(max_rows), l(max_rows),
-        row(4 * head_dim_), kv_tile(tile_ * head_dim_), spans(max_rows), row_lo(max_rows),
+        row(8 * head_dim_), kv_tile(tile_ * head_dim_), spans(max_rows), row_lo(max_rows),
         row_hi(max_rows) {}
 };
 
@@ -158,9 +158,12 @@ void gemm_tile_logits(AttentionScratch& s, int64_t rows_per_head, int64_t j0, in
   const int64_t D = s.head_dim, tile = s.tile, n = j1 - jb;
   float* kt = s.kv_tile.data();
   for (int64_t hh = 0; hh < s.heads; ++hh) {
-    for (int64_t i = 0; i < n; ++i) {
-      load_row(k_src[jb - j0 + i] + hh * k_head_stride, s.row.data(), D);
-      for (int64_t d = 0; d < D; ++d) kt[d * tile + i] = s.row[d];
+    for (int64_t i = 0; i < n; i += 8) {  // 8 rows converted into s.row, then transposed
+      const int64_t rows = std::min<int64_t>(8, n - i);
+      for (int64_t r = 0; r < rows; ++r) {
+        load_row(k_src[jb - j0 + i + r] + hh * k_head_stride, s.row.data() + r * D, D);
+      }
+      transpose_tile(s.row.data(), rows, D, kt + i, tile);
     }
     const int64_t r0 = hh * rows_per_head;
     float* c = s.scores.data() + r0 * tile + (jb - j0);

@@ -23,7 +23,16 @@
 namespace kv_paged::cpu::KV_PAGED_CPU_ISA {
 namespace {
 
-constexpr int64_t kRowsPerItem = 64;  // query rows (tokens x group heads) per work item
+// Query rows (tokens x group heads) per work item: 64 for short sequences, so there are items
+// enough to balance the threads, doubling up to 256 once a sequence has 32 items' worth of rows.
+// Every item re-reads (and packs) K and V of all the keys it sees, so wider items cut that traffic
+// per flop. Measured (2 threads, float32, causal): at head_dim 128, N = 8192, 64 rows ran at 0.91x
+// torch's flash forward and 256 rows at 1.04x; at N = 512 and 1024, 64 and 128 rows were within 4%.
+inline int64_t rows_per_item(int64_t max_seqlen_q) {
+  int64_t rows = 64;
+  while (rows < 256 && rows * 32 <= max_seqlen_q) rows *= 2;
+  return rows;
+}
 constexpr int64_t kKvTile = 64;       // kv positions per online-softmax step
 
 struct QueryTile {
@@ -35,7 +44,7 @@ struct QueryTile {
 template <typename T>
 void flash_attention(const FlashAttentionParams& p) {
   const int64_t D = p.head_dim, KVH = p.num_kv_heads, G = p.num_heads / p.num_kv_heads;
-  const int64_t tokens_per_item = std::max<int64_t>(1, kRowsPerItem / G);
+  const int64_t tokens_per_item = std::max<int64_t>(1, rows_per_item(p.max_seqlen_q) / G);
   std::vector<QueryTile> tiles;
   for (int64_t b = 0; b < p.num_seqs; ++b) {
     const int64_t q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];

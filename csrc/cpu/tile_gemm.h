@@ -71,10 +71,38 @@ inline void gemm_acc(float* C, int64_t ldc, const float* A, int64_t a_m, int64_t
   }
 }
 
-// dst[d * ld + j] = float(src[j][d]) for j < rows, d < D: a K or V tile transposed to [D, rows], so
-// Q K^T becomes a product whose inner loop runs along contiguous keys.
+// dst[d * ld + j] = src[j * D + d] for j < rows, d < D: a K or V tile transposed to [D, rows], so
+// Q K^T becomes a product whose inner loop runs along contiguous keys. 8 x 8 blocks in registers:
+// a scalar loop stores each element to a different cache line (measured: ~9% of the forward).
 inline void transpose_tile(const float* src, int64_t rows, int64_t D, float* dst, int64_t ld) {
-  for (int64_t j = 0; j < rows; ++j) {
+  int64_t j = 0;
+#ifdef KV_PAGED_CPU_AVX2
+  for (; j + 8 <= rows; j += 8) {
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (j + i) * D + d);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(dst + (d + i) * ld + j, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (d + i + 4) * ld + j, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+      }
+    }
+    for (; d < D; ++d) {
+      for (int64_t i = j; i < j + 8; ++i) dst[d * ld + i] = src[i * D + d];
+    }
+  }
+#endif
+  for (; j < rows; ++j) {
     for (int64_t d = 0; d < D; ++d) dst[d * ld + j] = src[j * D + d];
   }
 }
