@@ -37,6 +37,25 @@ inline RowSpan visible_span(int64_t pos, int64_t kv_len, bool causal, int64_t wi
   return s;
 }
 
+// Estimated cost of a work item of `count` query tokens from token `first` of a sequence of q_len
+// queries over kv_len keys: its tokens x the keys its last token sees (at least 1), the order key
+// of work_queue.h's heaviest-first queue.
+inline int64_t item_cost(int64_t first, int64_t count, int64_t q_len, int64_t kv_len, bool causal,
+                         int64_t window) {
+  const RowSpan last = visible_span(kv_len - q_len + first + count - 1, kv_len, causal, window);
+  return count * std::max<int64_t>(last.hi - last.lo, 1);
+}
+
+// Tile width, 64 doubling up to 256 once a sequence of max_seqlen_q queries holds 32 tiles: for
+// work that re-reads a whole head per tile (the flash forward's rows per item re-read all of K and
+// V; the backward's kv tiles re-read Q, dO and dQ), where a wider tile cuts that traffic per flop
+// and a narrower one keeps items enough to balance the threads. Measured for each in its file.
+inline int64_t long_sequence_tile(int64_t max_seqlen_q) {
+  int64_t tile = 64;
+  while (tile < 256 && tile * 32 <= max_seqlen_q) tile *= 2;
+  return tile;
+}
+
 // Per-thread scratch, sized once per parallel range. An item's rows are [heads][rows_per_head]:
 // row r belongs to the item's kv head r / rows_per_head.
 struct AttentionScratch {

@@ -26,18 +26,12 @@ namespace {
 
 constexpr int64_t kQTile = 64;  // query rows per step against a kv tile
 
-// Keys per step (dK, dV of one tile live in scratch): 64 for short sequences, doubling up to 256
-// once max_seqlen_q reaches 32 tiles. Each kv tile walks every query tile at or after it,
-// re-reading Q, dO and the fp32 dQ partial rows of the head (2 MB each at N = 4096, head_dim 128,
-// so the two threads' items overflow the 8 MB L3): a wider tile cuts that traffic per flop, a
-// narrower one the causal diagonal's wasted work. Measured (2 threads, head_dim 128): 256 keys ran
-// the backward 7% faster than 64 at N = 4096 and 5% faster than 128 at N = 8192; at N = 1024
+// Keys per step (dK, dV of one tile live in scratch) come from long_sequence_tile: each kv tile
+// walks every query tile at or after it, re-reading Q, dO and the fp32 dQ partial rows of the head
+// (2 MB each at N = 4096, head_dim 128, so the two threads' items overflow the 8 MB L3); a
+// narrower tile wastes less of the causal diagonal. Measured (2 threads, head_dim 128): 256 keys
+// ran the backward 7% faster than 64 at N = 4096 and 5% faster than 128 at N = 8192; at N = 1024
 // (head_dim 64) 64 keys was 5% faster than 128.
-int64_t kv_tile_size(int64_t max_seqlen_q) {
-  int64_t tile = 64;
-  while (tile < 256 && tile * 32 <= max_seqlen_q) tile *= 2;
-  return tile;
-}
 
 // Per-thread scratch: everything is fp32 and sized for one (q tile, kv tile) pair.
 struct BackwardScratch {
@@ -88,7 +82,7 @@ void flash_attention_backward(const FlashAttentionParams& p) {
     }
   });
 
-  const int64_t kv_tile = kv_tile_size(p.max_seqlen_q);
+  const int64_t kv_tile = long_sequence_tile(p.max_seqlen_q);
   const int64_t splits = num_splits(p, at::get_num_threads(), kv_tile);
   const int64_t split_numel = rows * D;
   std::unique_ptr<float[]> dq_acc(new float[splits * split_numel]);  // [splits, total_q, H, D]

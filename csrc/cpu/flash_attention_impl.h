@@ -2,8 +2,7 @@
 // algorithm on the CPU. Work item = (query tile of one sequence, kv head) with all query heads of
 // the GQA group, heaviest first on a shared queue (work_queue.h); kv is walked in tiles of kKvTile
 // with an online softmax, so per-thread memory is O(tile * head_dim) and the [q_len, k_len] score
-// matrix never exists. Causal alignment is
-// bottom-right: query i of a sequence sits at kv position k_len - q_len + i (FlashAttention 2).
+// matrix never exists. Causal alignment is bottom-right: query i of a sequence sits at kv position k_len - q_len + i (FlashAttention 2).
 // With p.lse set it also writes each row's log-sum-exp, which the backward needs. The kernel body,
 // included by the per-ISA files flash_attention_kernel*.cpp.
 #pragma once
@@ -23,16 +22,10 @@
 namespace kv_paged::cpu::KV_PAGED_CPU_ISA {
 namespace {
 
-// Query rows (tokens x group heads) per work item: 64 for short sequences, so there are items
-// enough to balance the threads, doubling up to 256 once a sequence has 32 items' worth of rows.
-// Every item re-reads (and packs) K and V of all the keys it sees, so wider items cut that traffic
-// per flop. Measured (2 threads, float32, causal): at head_dim 128, N = 8192, 64 rows ran at 0.91x
-// torch's flash forward and 256 rows at 1.04x; at N = 512 and 1024, 64 and 128 rows were within 4%.
-inline int64_t rows_per_item(int64_t max_seqlen_q) {
-  int64_t rows = 64;
-  while (rows < 256 && rows * 32 <= max_seqlen_q) rows *= 2;
-  return rows;
-}
+// Query rows (tokens x group heads) per work item come from long_sequence_tile: every item
+// re-reads (and packs) K and V of all the keys it sees. Measured (2 threads, float32, causal): at
+// head_dim 128, N = 8192, 64 rows ran at 0.91x torch's flash forward and 256 rows at 1.04x; at
+// N = 512 and 1024, 64 and 128 rows were within 4%.
 constexpr int64_t kKvTile = 64;       // kv positions per online-softmax step
 
 struct QueryTile {
@@ -44,7 +37,7 @@ struct QueryTile {
 template <typename T>
 void flash_attention(const FlashAttentionParams& p) {
   const int64_t D = p.head_dim, KVH = p.num_kv_heads, G = p.num_heads / p.num_kv_heads;
-  const int64_t tokens_per_item = std::max<int64_t>(1, rows_per_item(p.max_seqlen_q) / G);
+  const int64_t tokens_per_item = std::max<int64_t>(1, long_sequence_tile(p.max_seqlen_q) / G);
   std::vector<QueryTile> tiles;
   for (int64_t b = 0; b < p.num_seqs; ++b) {
     const int64_t q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
@@ -60,11 +53,9 @@ void flash_attention(const FlashAttentionParams& p) {
   std::vector<int64_t> cost(tiles.size() * KVH);
   for (size_t i = 0; i < cost.size(); ++i) {
     const QueryTile& c = tiles[i / KVH];
-    const int64_t q_len = p.cu_seqlens_q[c.seq + 1] - p.cu_seqlens_q[c.seq];
-    const int64_t k_len = p.cu_seqlens_k[c.seq + 1] - p.cu_seqlens_k[c.seq];
-    const RowSpan last = visible_span(k_len - q_len + c.first + c.count - 1, k_len, p.causal,
-                                      p.sliding_window);
-    cost[i] = c.count * std::max<int64_t>(last.hi - last.lo, 1);
+    cost[i] = item_cost(c.first, c.count, p.cu_seqlens_q[c.seq + 1] - p.cu_seqlens_q[c.seq],
+                        p.cu_seqlens_k[c.seq + 1] - p.cu_seqlens_k[c.seq], p.causal,
+                        p.sliding_window);
   }
   run_items(
       heaviest_first(cost), [&] { return AttentionScratch(tokens_per_item * G, kKvTile, D); },

@@ -70,11 +70,8 @@ void paged_attention(const PagedAttentionParams& p) {
   std::vector<int64_t> cost(chunks.size() * groups);
   for (size_t i = 0; i < cost.size(); ++i) {
     const QueryChunk& c = chunks[i / groups];
-    const int64_t q_len = p.cu_seqlens_q[c.seq + 1] - p.cu_seqlens_q[c.seq];
-    const int64_t kv_len = p.seq_lens_kv[c.seq];
-    const RowSpan last = visible_span(kv_len - q_len + c.first + c.count - 1, kv_len, p.causal,
-                                      p.sliding_window);
-    cost[i] = c.count * std::max<int64_t>(last.hi - last.lo, 1);
+    cost[i] = item_cost(c.first, c.count, p.cu_seqlens_q[c.seq + 1] - p.cu_seqlens_q[c.seq],
+                        p.seq_lens_kv[c.seq], p.causal, p.sliding_window);
   }
   run_items(
       heaviest_first(cost), [&] { return AttentionScratch(tokens_per_item * G * HG, tile, D, HG); },

@@ -1,7 +1,8 @@
 // One fp32 tile product for the CPU flash attention (the forward's many-row tiles and the backward):
 // C[M, N] += A[M, K] * B[K, N], with A read through (row, k) strides so the same routine serves
-// S = Q K^T (B = K^T), dV += P^T dO (A = P read transposed) and dQ += dS K. Register blocks of 4 rows x 16 columns (8 AVX2 accumulators) keep
-// each loaded B vector in use four times; tails fall back to narrower blocks and scalars.
+// S = Q K^T (B = K^T), dV += P^T dO (A = P read transposed) and dQ += dS K. Register blocks of 4
+// rows x 16 columns (8 AVX2 accumulators) keep each loaded B vector in use four times; tails fall
+// back to narrower blocks and scalars.
 #pragma once
 
 #include <cstdint>
